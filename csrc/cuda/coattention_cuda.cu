@@ -1,0 +1,1025 @@
+// CUDA kernels of _coattention_forward / _coattention_backward (SPEC 1, csrc/smca.cpp).
+//
+// Flash-style, fp32 accumulation, fp32 coordinates; q/k/v in float32, float16 or bfloat16.
+// Tiles live in shared memory as fp32 and are multiplied with plain FMA loops: simple and exact
+// enough to be checked against the reference, not tensor-core fast.
+//
+// Forward:  forward_kernel        a block per (b*h, query tile, key split); for every level, an
+//                                 online softmax over the split's key tiles of that level; writes
+//                                 the split's partial (max m, sum l, sum p*v) per row and level.
+//           forward_combine       merges the splits: out_s, lse_s, out = sum_s alpha_s out_s.
+// Backward: backward_preprocess   Delta_s = <g_s, out_s> and dalpha_s = <grad_out, out_s>.
+//           backward_dq_kernel    a block per (b*h, query tile, key split): dq and the per-row
+//                                 sums that give dcenters and dprecision, per split.
+//           backward_dq_reduce    sums the splits, forms grad_q, grad_centers, grad_precision.
+//           backward_dkdv_kernel  a block per (b*h, key tile); loops over every query tile.
+// The key axis is split (grid.y) only when B*H*ceil(Nq/BM) blocks would leave SMs idle (see
+// key_splits). Splits are summed in a fixed order and no kernel uses atomics, so results are
+// deterministic.
+//
+// Keys are cut into tiles level by level (a tile never straddles two levels), and the tiles of
+// all levels are numbered one after the other ("flattened tiles"); a key split is a contiguous
+// range of flattened tiles, so it may cover the end of one level and the start of the next.
+//
+// Every tile kernel runs 16 x 16 threads: thread (ty, tx) owns the tile rows ty + 16 a and the
+// columns tx + 16 n (and the head-dim columns tx + 16 e of the accumulators). The 16 threads of
+// a row are one half of a warp, so row reductions are four xor-shuffles. Shared-memory rows are
+// padded by one float so that column-wise reads hit distinct banks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "philox.h"
+#include "smca.h"
+
+namespace smca {
+namespace {
+
+constexpr int kGrid = 16;                  // threads along each axis of a tile
+constexpr int kThreads = kGrid * kGrid;    // threads of every tile kernel
+constexpr int kElementwiseThreads = 256;   // threads of the combine / reduce / preprocess kernels
+constexpr int kMaxLevels = 32;             // levels carried by value in the kernel arguments
+constexpr int kMaxSplits = 16;
+
+// Tile sizes per head dim. Shared memory per block stays under 99 KB (the limit of sm_86/89),
+// hence the smaller tiles for the larger head dims.
+template <int D>
+struct Tiles {
+  static_assert(D == 16 || D == 32 || D == 64 || D == 128, "head dim must be 16, 32, 64 or 128");
+  static constexpr int kForwardM = 64;                // queries per forward block
+  static constexpr int kForwardN = D <= 64 ? 64 : 32; // keys per forward step
+  static constexpr int kDqM = D <= 64 ? 64 : 32;      // queries per dQ block
+  static constexpr int kDqN = D <= 64 ? 64 : 32;      // keys per dQ step
+  static constexpr int kDkvN = D <= 64 ? 64 : 32;     // keys per dK/dV block
+  static constexpr int kDkvM = D <= 32 ? 64 : 32;     // queries per dK/dV step
+};
+
+// The levels of spatial_shapes, cut into tiles of `block_n` keys (block_n differs per kernel).
+struct LevelTable {
+  int num_levels;
+  int start[kMaxLevels];           // first key of level s
+  int size[kMaxLevels];            // H_s * W_s keys
+  int width[kMaxLevels];           // W_s: key start + c sits at x = c % W_s, y = c / W_s
+  int tile_begin[kMaxLevels + 1];  // first flattened tile of level s; [num_levels] = all tiles
+};
+
+LevelTable make_level_table(c10::IntArrayRef spatial_shapes, int block_n) {
+  LevelTable t{};
+  t.num_levels = static_cast<int>(spatial_shapes.size() / 2);
+  int start = 0, tiles = 0;
+  for (int s = 0; s < t.num_levels; ++s) {
+    const int size = static_cast<int>(spatial_shapes[2 * s] * spatial_shapes[2 * s + 1]);
+    t.start[s] = start;
+    t.size[s] = size;
+    t.width[s] = static_cast<int>(spatial_shapes[2 * s + 1]);
+    t.tile_begin[s] = tiles;
+    start += size;
+    tiles += (size + block_n - 1) / block_n;
+  }
+  t.tile_begin[t.num_levels] = tiles;
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------
+// Device helpers
+
+// Copies rows [row0, row0 + ROWS) of a row-major (num_rows, D) matrix into a (ROWS, D + 1)
+// fp32 tile, zeros past row_end. With row_scale, matrix row `row` is multiplied by
+// row_scale[row * scale_stride] (one level's alpha: g_s = alpha_s * grad_out).
+template <int ROWS, int D, typename scalar_t>
+__device__ __forceinline__ void load_tile(float* tile, const scalar_t* __restrict__ src,
+                                          int row0, int row_end,
+                                          const float* __restrict__ row_scale = nullptr,
+                                          int scale_stride = 0) {
+  for (int idx = threadIdx.x; idx < ROWS * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D, row = row0 + r;
+    float value = 0.f;
+    if (row < row_end) {
+      value = static_cast<float>(src[static_cast<int64_t>(row) * D + d]);
+      if (row_scale != nullptr) value *= row_scale[static_cast<int64_t>(row) * scale_stride];
+    }
+    tile[r * (D + 1) + d] = value;
+  }
+}
+
+// S_ij = scale <q_i, k_j> + logG_ij with dx = x_j - cx_i, dy = y_j - cy_i; the one formula
+// that the forward and both backward kernels evaluate, so that P is recomputed identically.
+__device__ __forceinline__ float score(float dot, float scale, float dx, float dy, float px,
+                                       float py) {
+  const float ex = px * dx, ey = py * dy;
+  return scale * dot - (ex * ex + ey * ey);
+}
+
+// Dropout factor of element offset ((b*H + h)*Nq + i)*L + j: 1/(1-p) if kept, else 0.
+__device__ __forceinline__ float dropout_factor(uint64_t seed, int64_t offset, float dropout_p,
+                                                float inv_keep) {
+  return philox_uniform(seed, static_cast<uint64_t>(offset)) >= dropout_p ? inv_keep : 0.f;
+}
+
+// Max / sum over the 16 threads of a tile row (one half warp; every lane must call).
+__device__ __forceinline__ float row_max(float x) {
+#pragma unroll
+  for (int offset = kGrid / 2; offset > 0; offset /= 2)
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+__device__ __forceinline__ float row_sum(float x) {
+#pragma unroll
+  for (int offset = kGrid / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Grid cell of the keys a thread owns in one key tile: keys j = k0 + first + 16 n (first is
+// the thread's tx or ty) of a level that spans keys [start, end) and is `width` cells wide.
+// ok = inside the level and not padding-masked.
+template <int RN>
+__device__ __forceinline__ void key_positions(int k0, int start, int end, int width,
+                                              const bool* __restrict__ mask, int first,
+                                              float (&x)[RN], float (&y)[RN], bool (&ok)[RN]) {
+#pragma unroll
+  for (int n = 0; n < RN; ++n) {
+    const int j = k0 + first + kGrid * n;
+    const int cell = j - start;
+    x[n] = static_cast<float>(cell % width);
+    y[n] = static_cast<float>(cell / width);
+    ok[n] = j < end && (mask == nullptr || !mask[j]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const scalar_t* __restrict__ q,            // (B*H, Nq, D)
+    const scalar_t* __restrict__ k,            // (B*H, L, D)
+    const scalar_t* __restrict__ v,            // (B*H, L, D)
+    const float* __restrict__ centers,         // (B*H, Nq, S, 2)
+    const float* __restrict__ precision,       // (B*H, Nq, S, 2)
+    const bool* __restrict__ key_padding_mask, // (B, L), nullptr when absent
+    float* __restrict__ m_part,                // (splits, B*H*Nq, S) max score of the split
+    float* __restrict__ l_part,                // (splits, B*H*Nq, S) sum_j exp(S_ij - m)
+    float* __restrict__ acc_part,              // (splits, B*H*Nq, S, D) sum_j exp(S_ij - m) z_ij v_j
+    const LevelTable levels, const int H, const int Nq, const int L, const int num_q_tiles,
+    const float scale, const float dropout_p, const uint64_t seed) {
+  constexpr int RM = BM / kGrid, RN = BN / kGrid, RD = D / kGrid, LD = D + 1, LP = BN + 1;
+  extern __shared__ float smem[];
+  float* q_tile = smem;               // (BM, D+1)
+  float* k_tile = q_tile + BM * LD;   // (BN, D+1)
+  float* v_tile = k_tile + BN * LD;   // (BN, D+1)
+  float* p_tile = v_tile + BN * LD;   // (BM, BN+1) dropped probabilities of the current step
+
+  const int tx = threadIdx.x % kGrid, ty = threadIdx.x / kGrid;
+  const int bh = blockIdx.x / num_q_tiles, q0 = (blockIdx.x % num_q_tiles) * BM;
+  const int split = blockIdx.y, num_splits = gridDim.y;
+  const int S = levels.num_levels;
+  const int64_t num_rows = static_cast<int64_t>(gridDim.x / num_q_tiles) * Nq;
+  const int total_tiles = levels.tile_begin[S];
+  const int split_begin = static_cast<int>(static_cast<int64_t>(split) * total_tiles / num_splits);
+  const int split_end = static_cast<int>(static_cast<int64_t>(split + 1) * total_tiles / num_splits);
+  const bool* mask = key_padding_mask ? key_padding_mask + static_cast<int64_t>(bh / H) * L : nullptr;
+  const float inv_keep = 1.f / (1.f - dropout_p);
+  const scalar_t* k_bh = k + static_cast<int64_t>(bh) * L * D;
+  const scalar_t* v_bh = v + static_cast<int64_t>(bh) * L * D;
+
+  load_tile<BM, D>(q_tile, q + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
+
+  for (int s = 0; s < S; ++s) {
+    // Per-row state of this level: Gaussian parameters, running max m, sum l, accumulator.
+    float cx[RM], cy[RM], px[RM], py[RM], m[RM], l[RM], acc[RM][RD];
+#pragma unroll
+    for (int a = 0; a < RM; ++a) {
+      const int i = q0 + ty + kGrid * a;
+      const int64_t c = i < Nq ? ((static_cast<int64_t>(bh) * Nq + i) * S + s) * 2 : -1;
+      cx[a] = c >= 0 ? centers[c] : 0.f;
+      cy[a] = c >= 0 ? centers[c + 1] : 0.f;
+      px[a] = c >= 0 ? precision[c] : 0.f;
+      py[a] = c >= 0 ? precision[c + 1] : 0.f;
+      m[a] = -INFINITY;
+      l[a] = 0.f;
+#pragma unroll
+      for (int e = 0; e < RD; ++e) acc[a][e] = 0.f;
+    }
+    const int level_first = levels.tile_begin[s];
+    const int t_begin = max(split_begin, level_first);
+    const int t_end = min(split_end, levels.tile_begin[s + 1]);
+    const int start = levels.start[s], end = start + levels.size[s], width = levels.width[s];
+
+    for (int t = t_begin; t < t_end; ++t) {
+      const int k0 = start + (t - level_first) * BN;
+      __syncthreads();  // the previous step is done reading k/v/p tiles
+      load_tile<BN, D>(k_tile, k_bh, k0, end);
+      load_tile<BN, D>(v_tile, v_bh, k0, end);
+      __syncthreads();
+
+      float kx[RN], ky[RN];
+      bool key_ok[RN];
+      key_positions<RN>(k0, start, end, width, mask, tx, kx, ky, key_ok);
+
+      float sc[RM][RN] = {};
+#pragma unroll 4
+      for (int d = 0; d < D; ++d) {
+        float qd[RM], kd[RN];
+#pragma unroll
+        for (int a = 0; a < RM; ++a) qd[a] = q_tile[(ty + kGrid * a) * LD + d];
+#pragma unroll
+        for (int n = 0; n < RN; ++n) kd[n] = k_tile[(tx + kGrid * n) * LD + d];
+#pragma unroll
+        for (int a = 0; a < RM; ++a)
+#pragma unroll
+          for (int n = 0; n < RN; ++n) sc[a][n] += qd[a] * kd[n];
+      }
+
+#pragma unroll
+      for (int a = 0; a < RM; ++a) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < RN; ++n) {
+          sc[a][n] = key_ok[n] ? score(sc[a][n], scale, kx[n] - cx[a], ky[n] - cy[a], px[a], py[a])
+                               : -INFINITY;
+          tile_max = fmaxf(tile_max, sc[a][n]);
+        }
+        const float m_new = fmaxf(m[a], row_max(tile_max));
+        // While every key so far is masked, m_new is -inf: subtract 0 instead to avoid inf - inf.
+        const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+        const float correction = __expf(m[a] - m_ref);
+        const int i = q0 + ty + kGrid * a;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < RN; ++n) {
+          float p = __expf(sc[a][n] - m_ref);  // 0 for masked keys
+          sum += p;                            // softmax statistics use the undropped P
+          if (dropout_p > 0.f && p > 0.f) {
+            const int64_t offset =
+                (static_cast<int64_t>(bh) * Nq + i) * L + (k0 + tx + kGrid * n);
+            p *= dropout_factor(seed, offset, dropout_p, inv_keep);
+          }
+          p_tile[(ty + kGrid * a) * LP + tx + kGrid * n] = p;
+        }
+        l[a] = l[a] * correction + row_sum(sum);
+        m[a] = m_new;
+#pragma unroll
+        for (int e = 0; e < RD; ++e) acc[a][e] *= correction;
+      }
+      __syncthreads();
+
+      // acc += P V over the step's keys (rows of v_tile past the level are zeros, P is 0 there).
+#pragma unroll 4
+      for (int j = 0; j < BN; ++j) {
+        float vd[RD];
+#pragma unroll
+        for (int e = 0; e < RD; ++e) vd[e] = v_tile[j * LD + tx + kGrid * e];
+#pragma unroll
+        for (int a = 0; a < RM; ++a) {
+          const float p = p_tile[(ty + kGrid * a) * LP + j];
+#pragma unroll
+          for (int e = 0; e < RD; ++e) acc[a][e] += p * vd[e];
+        }
+      }
+    }
+
+    // This split's partial result for level s (m = -inf, l = 0, acc = 0 when it has no key
+    // of the level or all of them are masked).
+#pragma unroll
+    for (int a = 0; a < RM; ++a) {
+      const int i = q0 + ty + kGrid * a;
+      if (i >= Nq) continue;
+      const int64_t part = (split * num_rows + static_cast<int64_t>(bh) * Nq + i) * S + s;
+      if (tx == 0) {
+        m_part[part] = m[a];
+        l_part[part] = l[a];
+      }
+#pragma unroll
+      for (int e = 0; e < RD; ++e) acc_part[part * D + tx + kGrid * e] = acc[a][e];
+    }
+  }
+}
+
+// One thread per (row, d): merges the splits of every level, then mixes the levels.
+template <typename scalar_t>
+__global__ void forward_combine_kernel(
+    const float* __restrict__ m_part,    // (splits, num_rows, S)
+    const float* __restrict__ l_part,    // (splits, num_rows, S)
+    const float* __restrict__ acc_part,  // (splits, num_rows, S, D)
+    const float* __restrict__ alpha,     // (num_rows, S), nullptr when absent (then S == 1)
+    scalar_t* __restrict__ out,          // (num_rows, D)
+    scalar_t* __restrict__ out_levels,   // (num_rows, S, D), nullptr when alpha is absent
+    float* __restrict__ lse,             // (num_rows, S)
+    const int64_t num_rows, const int S, const int D, const int num_splits) {
+  const int64_t split_stride = num_rows * S;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < num_rows * D; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / D;
+    const int d = static_cast<int>(idx % D);
+    float mixed = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const int64_t rs = row * S + s;
+      float m_max = -INFINITY;
+      for (int sp = 0; sp < num_splits; ++sp) m_max = fmaxf(m_max, m_part[sp * split_stride + rs]);
+      float l = 0.f, acc = 0.f;
+      if (m_max != -INFINITY) {  // else every key of the level is masked: l = 0
+        for (int sp = 0; sp < num_splits; ++sp) {
+          const int64_t part = sp * split_stride + rs;
+          const float w = __expf(m_part[part] - m_max);  // 0 for a split with m = -inf
+          l += w * l_part[part];
+          acc += w * acc_part[part * D + d];
+        }
+      }
+      const float out_s = l > 0.f ? acc / l : 0.f;
+      if (d == 0) lse[rs] = l > 0.f ? m_max + logf(l) : INFINITY;
+      if (out_levels != nullptr) out_levels[rs * D + d] = static_cast<scalar_t>(out_s);
+      mixed += (alpha != nullptr ? alpha[rs] : 1.f) * out_s;
+    }
+    out[idx] = static_cast<scalar_t>(mixed);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+
+// One warp per (row, level): dalpha = <grad_out, out_s>, Delta = alpha_s * dalpha.
+template <typename scalar_t>
+__global__ void backward_preprocess_kernel(
+    const scalar_t* __restrict__ grad_out,    // (num_rows, D)
+    const scalar_t* __restrict__ out_levels,  // (num_rows, S, D)
+    const float* __restrict__ alpha,          // (num_rows, S), nullptr when absent
+    float* __restrict__ delta,                // (num_rows, S)
+    float* __restrict__ grad_alpha,           // (num_rows, S), nullptr when alpha is absent
+    const int64_t num_rows, const int S, const int D) {
+  const int lane = threadIdx.x % 32;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+       w < num_rows * S; w += num_warps) {
+    const int64_t row = w / S;
+    float dot = 0.f;
+    for (int d = lane; d < D; d += 32)
+      dot += static_cast<float>(grad_out[row * D + d]) * static_cast<float>(out_levels[w * D + d]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    if (lane == 0) {
+      if (grad_alpha != nullptr) grad_alpha[w] = dot;
+      delta[w] = alpha != nullptr ? alpha[w] * dot : dot;
+    }
+  }
+}
+
+// dq and the row sums of dS * (dx, dx^2, dy, dy^2) over one split of the keys.
+template <typename scalar_t, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) backward_dq_kernel(
+    const scalar_t* __restrict__ q,            // (B*H, Nq, D)
+    const scalar_t* __restrict__ k,            // (B*H, L, D)
+    const scalar_t* __restrict__ v,            // (B*H, L, D)
+    const scalar_t* __restrict__ grad_out,     // (B*H, Nq, D)
+    const float* __restrict__ centers,         // (B*H, Nq, S, 2)
+    const float* __restrict__ precision,       // (B*H, Nq, S, 2)
+    const float* __restrict__ alpha,           // (B*H, Nq, S), nullptr when absent
+    const float* __restrict__ lse,             // (B*H, Nq, S)
+    const float* __restrict__ delta,           // (B*H, Nq, S)
+    const bool* __restrict__ key_padding_mask, // (B, L), nullptr when absent
+    float* __restrict__ dq_part,               // (splits, B*H*Nq, D) scale * sum_j dS_ij k_j
+    float* __restrict__ rowsum_part,           // (splits, B*H*Nq, S, 4) sum_j dS_ij (dx, dx^2, dy, dy^2)
+    const LevelTable levels, const int H, const int Nq, const int L, const int num_q_tiles,
+    const float scale, const float dropout_p, const uint64_t seed) {
+  constexpr int RM = BM / kGrid, RN = BN / kGrid, RD = D / kGrid, LD = D + 1, LP = BN + 1;
+  extern __shared__ float smem[];
+  float* q_tile = smem;               // (BM, D+1)
+  float* do_tile = q_tile + BM * LD;  // (BM, D+1) grad_out (alpha is applied per row below)
+  float* k_tile = do_tile + BM * LD;  // (BN, D+1)
+  float* v_tile = k_tile + BN * LD;   // (BN, D+1)
+  float* ds_tile = v_tile + BN * LD;  // (BM, BN+1)
+
+  const int tx = threadIdx.x % kGrid, ty = threadIdx.x / kGrid;
+  const int bh = blockIdx.x / num_q_tiles, q0 = (blockIdx.x % num_q_tiles) * BM;
+  const int split = blockIdx.y, num_splits = gridDim.y;
+  const int S = levels.num_levels;
+  const int64_t num_rows = static_cast<int64_t>(gridDim.x / num_q_tiles) * Nq;
+  const int total_tiles = levels.tile_begin[S];
+  const int split_begin = static_cast<int>(static_cast<int64_t>(split) * total_tiles / num_splits);
+  const int split_end = static_cast<int>(static_cast<int64_t>(split + 1) * total_tiles / num_splits);
+  const bool* mask = key_padding_mask ? key_padding_mask + static_cast<int64_t>(bh / H) * L : nullptr;
+  const float inv_keep = 1.f / (1.f - dropout_p);
+  const scalar_t* k_bh = k + static_cast<int64_t>(bh) * L * D;
+  const scalar_t* v_bh = v + static_cast<int64_t>(bh) * L * D;
+
+  load_tile<BM, D>(q_tile, q + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
+  load_tile<BM, D>(do_tile, grad_out + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
+
+  float dq[RM][RD] = {};
+  for (int s = 0; s < S; ++s) {
+    float cx[RM], cy[RM], px[RM], py[RM], alpha_s[RM], lse_s[RM], delta_s[RM], sums[RM][4];
+    bool row_ok[RM];
+#pragma unroll
+    for (int a = 0; a < RM; ++a) {
+      const int i = q0 + ty + kGrid * a;
+      row_ok[a] = i < Nq;
+      const int64_t rs = row_ok[a] ? (static_cast<int64_t>(bh) * Nq + i) * S + s : 0;
+      cx[a] = row_ok[a] ? centers[2 * rs] : 0.f;
+      cy[a] = row_ok[a] ? centers[2 * rs + 1] : 0.f;
+      px[a] = row_ok[a] ? precision[2 * rs] : 0.f;
+      py[a] = row_ok[a] ? precision[2 * rs + 1] : 0.f;
+      alpha_s[a] = row_ok[a] && alpha != nullptr ? alpha[rs] : 1.f;
+      lse_s[a] = row_ok[a] ? lse[rs] : INFINITY;
+      delta_s[a] = row_ok[a] ? delta[rs] : 0.f;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sums[a][c] = 0.f;
+    }
+    const int level_first = levels.tile_begin[s];
+    const int t_begin = max(split_begin, level_first);
+    const int t_end = min(split_end, levels.tile_begin[s + 1]);
+    const int start = levels.start[s], end = start + levels.size[s], width = levels.width[s];
+
+    for (int t = t_begin; t < t_end; ++t) {
+      const int k0 = start + (t - level_first) * BN;
+      __syncthreads();  // the previous step is done reading k/v/ds tiles
+      load_tile<BN, D>(k_tile, k_bh, k0, end);
+      load_tile<BN, D>(v_tile, v_bh, k0, end);
+      __syncthreads();
+
+      float kx[RN], ky[RN];
+      bool key_ok[RN];
+      key_positions<RN>(k0, start, end, width, mask, tx, kx, ky, key_ok);
+
+      float qk[RM][RN] = {}, gv[RM][RN] = {};  // <q_i, k_j>, <grad_out_i, v_j>
+#pragma unroll 4
+      for (int d = 0; d < D; ++d) {
+        float qd[RM], gd[RM], kd[RN], vd[RN];
+#pragma unroll
+        for (int a = 0; a < RM; ++a) {
+          qd[a] = q_tile[(ty + kGrid * a) * LD + d];
+          gd[a] = do_tile[(ty + kGrid * a) * LD + d];
+        }
+#pragma unroll
+        for (int n = 0; n < RN; ++n) {
+          kd[n] = k_tile[(tx + kGrid * n) * LD + d];
+          vd[n] = v_tile[(tx + kGrid * n) * LD + d];
+        }
+#pragma unroll
+        for (int a = 0; a < RM; ++a)
+#pragma unroll
+          for (int n = 0; n < RN; ++n) {
+            qk[a][n] += qd[a] * kd[n];
+            gv[a][n] += gd[a] * vd[n];
+          }
+      }
+
+#pragma unroll
+      for (int a = 0; a < RM; ++a) {
+        const int i = q0 + ty + kGrid * a;
+#pragma unroll
+        for (int n = 0; n < RN; ++n) {
+          float ds = 0.f;
+          if (row_ok[a] && key_ok[n]) {
+            const float dx = kx[n] - cx[a], dy = ky[n] - cy[a];
+            const float p = __expf(score(qk[a][n], scale, dx, dy, px[a], py[a]) - lse_s[a]);
+            float dp = alpha_s[a] * gv[a][n];
+            if (dropout_p > 0.f) {
+              const int64_t offset =
+                  (static_cast<int64_t>(bh) * Nq + i) * L + (k0 + tx + kGrid * n);
+              dp *= dropout_factor(seed, offset, dropout_p, inv_keep);
+            }
+            ds = p * (dp - delta_s[a]);
+            sums[a][0] += ds * dx;
+            sums[a][1] += ds * dx * dx;
+            sums[a][2] += ds * dy;
+            sums[a][3] += ds * dy * dy;
+          }
+          ds_tile[(ty + kGrid * a) * LP + tx + kGrid * n] = ds;
+        }
+      }
+      __syncthreads();
+
+      // dq += dS K over the step's keys.
+#pragma unroll 4
+      for (int j = 0; j < BN; ++j) {
+        float kd[RD];
+#pragma unroll
+        for (int e = 0; e < RD; ++e) kd[e] = k_tile[j * LD + tx + kGrid * e];
+#pragma unroll
+        for (int a = 0; a < RM; ++a) {
+          const float ds = ds_tile[(ty + kGrid * a) * LP + j];
+#pragma unroll
+          for (int e = 0; e < RD; ++e) dq[a][e] += ds * kd[e];
+        }
+      }
+    }
+
+#pragma unroll
+    for (int a = 0; a < RM; ++a) {
+      float total[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) total[c] = row_sum(sums[a][c]);
+      if (row_ok[a] && tx == 0) {
+        const int64_t part = (split * num_rows + static_cast<int64_t>(bh) * Nq + q0 + ty + kGrid * a) * S + s;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) rowsum_part[part * 4 + c] = total[c];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int a = 0; a < RM; ++a) {
+    const int i = q0 + ty + kGrid * a;
+    if (i >= Nq) continue;
+    const int64_t part = split * num_rows + static_cast<int64_t>(bh) * Nq + i;
+#pragma unroll
+    for (int e = 0; e < RD; ++e) dq_part[part * D + tx + kGrid * e] = scale * dq[a][e];
+  }
+}
+
+// One thread per (row, d): sums dq over the splits; the thread with d == 0 also forms the
+// centre and precision gradients of the row:
+//   dcx = 2 px^2 sum_j dS_ij dx_ij,  dpx = -2 px sum_j dS_ij dx_ij^2  (the same for y).
+template <typename scalar_t>
+__global__ void backward_dq_reduce_kernel(
+    const float* __restrict__ dq_part,      // (splits, num_rows, D)
+    const float* __restrict__ rowsum_part,  // (splits, num_rows, S, 4)
+    const float* __restrict__ precision,    // (num_rows, S, 2)
+    scalar_t* __restrict__ grad_q,          // (num_rows, D)
+    float* __restrict__ grad_centers,       // (num_rows, S, 2)
+    float* __restrict__ grad_precision,     // (num_rows, S, 2)
+    const int64_t num_rows, const int S, const int D, const int num_splits) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < num_rows * D; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float total = 0.f;
+    for (int sp = 0; sp < num_splits; ++sp) total += dq_part[sp * num_rows * D + idx];
+    grad_q[idx] = static_cast<scalar_t>(total);
+    if (idx % D != 0) continue;
+    const int64_t row = idx / D;
+    for (int s = 0; s < S; ++s) {
+      const int64_t rs = row * S + s;
+      float sum_dx = 0.f, sum_dx2 = 0.f, sum_dy = 0.f, sum_dy2 = 0.f;
+      for (int sp = 0; sp < num_splits; ++sp) {
+        const float* part = rowsum_part + (sp * num_rows * S + rs) * 4;
+        sum_dx += part[0];
+        sum_dx2 += part[1];
+        sum_dy += part[2];
+        sum_dy2 += part[3];
+      }
+      const float px = precision[2 * rs], py = precision[2 * rs + 1];
+      grad_centers[2 * rs] = 2.f * px * px * sum_dx;
+      grad_centers[2 * rs + 1] = 2.f * py * py * sum_dy;
+      grad_precision[2 * rs] = -2.f * px * sum_dx2;
+      grad_precision[2 * rs + 1] = -2.f * py * sum_dy2;
+    }
+  }
+}
+
+// dk, dv of one tile of BN keys (inside one level), summed over every query tile.
+// Here the tile rows are keys (thread rows ty + 16 n) and the columns queries (tx + 16 m).
+template <typename scalar_t, int D, int BN, int BM>
+__global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(
+    const scalar_t* __restrict__ q,            // (B*H, Nq, D)
+    const scalar_t* __restrict__ k,            // (B*H, L, D)
+    const scalar_t* __restrict__ v,            // (B*H, L, D)
+    const scalar_t* __restrict__ grad_out,     // (B*H, Nq, D)
+    const float* __restrict__ centers,         // (B*H, Nq, S, 2)
+    const float* __restrict__ precision,       // (B*H, Nq, S, 2)
+    const float* __restrict__ alpha,           // (B*H, Nq, S), nullptr when absent
+    const float* __restrict__ lse,             // (B*H, Nq, S)
+    const float* __restrict__ delta,           // (B*H, Nq, S)
+    const bool* __restrict__ key_padding_mask, // (B, L), nullptr when absent
+    scalar_t* __restrict__ grad_k,             // (B*H, L, D)
+    scalar_t* __restrict__ grad_v,             // (B*H, L, D)
+    const LevelTable levels, const int H, const int Nq, const int L, const int num_k_tiles,
+    const float scale, const float dropout_p, const uint64_t seed) {
+  constexpr int RN = BN / kGrid, RM = BM / kGrid, RD = D / kGrid, LD = D + 1, LP = BM + 1;
+  extern __shared__ float smem[];
+  float* k_tile = smem;                // (BN, D+1)
+  float* v_tile = k_tile + BN * LD;    // (BN, D+1)
+  float* q_tile = v_tile + BN * LD;    // (BM, D+1)
+  float* g_tile = q_tile + BM * LD;    // (BM, D+1) g_s = alpha_s * grad_out
+  float* p_tile = g_tile + BM * LD;    // (BN, BM+1) dropped P^T
+  float* ds_tile = p_tile + BN * LP;   // (BN, BM+1) dS^T
+  float* q_cx = ds_tile + BN * LP;     // (BM) per-query parameters of the step
+  float* q_cy = q_cx + BM;
+  float* q_px = q_cy + BM;
+  float* q_py = q_px + BM;
+  float* q_lse = q_py + BM;
+  float* q_delta = q_lse + BM;
+
+  const int tx = threadIdx.x % kGrid, ty = threadIdx.x / kGrid;
+  const int bh = blockIdx.x / num_k_tiles, tile = blockIdx.x % num_k_tiles;
+  const int S = levels.num_levels;
+  int s = 0;
+  while (tile >= levels.tile_begin[s + 1]) ++s;
+  const int start = levels.start[s], end = start + levels.size[s], width = levels.width[s];
+  const int k0 = start + (tile - levels.tile_begin[s]) * BN;
+  const bool* mask = key_padding_mask ? key_padding_mask + static_cast<int64_t>(bh / H) * L : nullptr;
+  const float inv_keep = 1.f / (1.f - dropout_p);
+  const int64_t row0 = static_cast<int64_t>(bh) * Nq;  // first (b, h) row of (B*H*Nq, ...)
+
+  load_tile<BN, D>(k_tile, k + static_cast<int64_t>(bh) * L * D, k0, end);
+  load_tile<BN, D>(v_tile, v + static_cast<int64_t>(bh) * L * D, k0, end);
+
+  float kx[RN], ky[RN];
+  bool key_ok[RN];
+  key_positions<RN>(k0, start, end, width, mask, ty, kx, ky, key_ok);
+
+  float dk[RN][RD] = {}, dv[RN][RD] = {};
+  for (int q0 = 0; q0 < Nq; q0 += BM) {
+    __syncthreads();  // the previous step is done reading q/g/p/ds tiles (and k/v are loaded)
+    load_tile<BM, D>(q_tile, q + row0 * D, q0, Nq);
+    load_tile<BM, D>(g_tile, grad_out + row0 * D, q0, Nq,
+                     alpha != nullptr ? alpha + row0 * S + s : nullptr, S);
+    for (int r = threadIdx.x; r < BM; r += kThreads) {
+      const int i = q0 + r;
+      const int64_t rs = (row0 + i) * S + s;
+      const bool ok = i < Nq;
+      q_cx[r] = ok ? centers[2 * rs] : 0.f;
+      q_cy[r] = ok ? centers[2 * rs + 1] : 0.f;
+      q_px[r] = ok ? precision[2 * rs] : 0.f;
+      q_py[r] = ok ? precision[2 * rs + 1] : 0.f;
+      q_lse[r] = ok ? lse[rs] : INFINITY;
+      q_delta[r] = ok ? delta[rs] : 0.f;
+    }
+    __syncthreads();
+
+    float kq[RN][RM] = {}, vg[RN][RM] = {};  // <k_j, q_i>, <v_j, g_i>
+#pragma unroll 4
+    for (int d = 0; d < D; ++d) {
+      float kd[RN], vd[RN], qd[RM], gd[RM];
+#pragma unroll
+      for (int n = 0; n < RN; ++n) {
+        kd[n] = k_tile[(ty + kGrid * n) * LD + d];
+        vd[n] = v_tile[(ty + kGrid * n) * LD + d];
+      }
+#pragma unroll
+      for (int m = 0; m < RM; ++m) {
+        qd[m] = q_tile[(tx + kGrid * m) * LD + d];
+        gd[m] = g_tile[(tx + kGrid * m) * LD + d];
+      }
+#pragma unroll
+      for (int n = 0; n < RN; ++n)
+#pragma unroll
+        for (int m = 0; m < RM; ++m) {
+          kq[n][m] += qd[m] * kd[n];
+          vg[n][m] += gd[m] * vd[n];
+        }
+    }
+
+#pragma unroll
+    for (int m = 0; m < RM; ++m) {
+      const int ii = tx + kGrid * m, i = q0 + ii;
+      const float cx = q_cx[ii], cy = q_cy[ii], px = q_px[ii], py = q_py[ii];
+      const float lse_i = q_lse[ii], delta_i = q_delta[ii];
+#pragma unroll
+      for (int n = 0; n < RN; ++n) {
+        float p = 0.f, ds = 0.f;
+        if (i < Nq && key_ok[n]) {
+          p = __expf(score(kq[n][m], scale, kx[n] - cx, ky[n] - cy, px, py) - lse_i);
+          float dp = vg[n][m];
+          if (dropout_p > 0.f) {
+            const int64_t offset = (row0 + i) * L + (k0 + ty + kGrid * n);
+            const float z = dropout_factor(seed, offset, dropout_p, inv_keep);
+            dp *= z;
+            ds = p * (dp - delta_i);
+            p *= z;
+          } else {
+            ds = p * (dp - delta_i);
+          }
+        }
+        p_tile[(ty + kGrid * n) * LP + ii] = p;
+        ds_tile[(ty + kGrid * n) * LP + ii] = ds;
+      }
+    }
+    __syncthreads();
+
+    // dv += P^T g, dk += dS^T q over the step's queries.
+#pragma unroll 4
+    for (int ii = 0; ii < BM; ++ii) {
+      float gd[RD], qd[RD];
+#pragma unroll
+      for (int e = 0; e < RD; ++e) {
+        gd[e] = g_tile[ii * LD + tx + kGrid * e];
+        qd[e] = q_tile[ii * LD + tx + kGrid * e];
+      }
+#pragma unroll
+      for (int n = 0; n < RN; ++n) {
+        const float p = p_tile[(ty + kGrid * n) * LP + ii];
+        const float ds = ds_tile[(ty + kGrid * n) * LP + ii];
+#pragma unroll
+        for (int e = 0; e < RD; ++e) {
+          dv[n][e] += p * gd[e];
+          dk[n][e] += ds * qd[e];
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int n = 0; n < RN; ++n) {
+    const int j = k0 + ty + kGrid * n;
+    if (j >= end) continue;  // belongs to the next level's tile (or is past L)
+    const int64_t base = (static_cast<int64_t>(bh) * L + j) * D;
+#pragma unroll
+    for (int e = 0; e < RD; ++e) {
+      grad_k[base + tx + kGrid * e] = static_cast<scalar_t>(scale * dk[n][e]);
+      grad_v[base + tx + kGrid * e] = static_cast<scalar_t>(dv[n][e]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side
+
+// Contiguous inputs and sizes of one call.
+struct Problem {
+  at::Tensor q, k, v, centers, precision;  // contiguous
+  at::Tensor alpha, mask;                  // contiguous, undefined when absent
+  c10::IntArrayRef spatial_shapes;         // the caller's list, valid during the call
+  int64_t B, H, Nq, L, S, D;
+  float scale, dropout_p;
+  uint64_t seed;
+
+  int64_t num_rows() const { return B * H * Nq; }
+  const float* alpha_ptr() const { return alpha.defined() ? alpha.data_ptr<float>() : nullptr; }
+  const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& centers, const at::Tensor& precision,
+                     const std::optional<at::Tensor>& alpha, c10::IntArrayRef spatial_shapes,
+                     const std::optional<at::Tensor>& key_padding_mask, double scale,
+                     double dropout_p, int64_t seed) {
+  const int64_t S = check_coattention_args(q, k, v, centers, precision, alpha, spatial_shapes,
+                                           key_padding_mask, dropout_p);
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "q: the CUDA kernel supports float32, float16 and bfloat16, got ", q.dtype(),
+              " (use the reference or the CPU kernel for float64)");
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D == 16 || D == 32 || D == 64 || D == 128,
+              "q: the CUDA kernel supports head dims 16, 32, 64 and 128, got ", D);
+  TORCH_CHECK(S <= kMaxLevels, "spatial_shapes: the CUDA kernel supports at most ", kMaxLevels,
+              " levels, got ", S);
+  TORCH_CHECK(k.size(2) <= INT_MAX / 2 && q.size(2) <= INT_MAX / 2 && q.size(1) <= INT_MAX,
+              "q, k: too many queries or keys for the CUDA kernel: Nq = ", q.size(2),
+              ", L = ", k.size(2));
+  Problem p;
+  p.q = q.contiguous();
+  p.k = k.contiguous();
+  p.v = v.contiguous();
+  p.centers = centers.contiguous();
+  p.precision = precision.contiguous();
+  if (alpha.has_value()) p.alpha = alpha->contiguous();
+  if (key_padding_mask.has_value()) p.mask = key_padding_mask->contiguous();
+  p.spatial_shapes = spatial_shapes;
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Nq = q.size(2);
+  p.L = k.size(2);
+  p.S = S;
+  p.D = D;
+  p.scale = static_cast<float>(scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  return p;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splits of the key axis: enough blocks for about two per SM, at least two key tiles a split.
+int key_splits(int64_t blocks, int num_tiles) {
+  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (blocks >= target) return 1;
+  const int64_t splits = std::min<int64_t>({ceil_div(target, blocks), num_tiles / 2, kMaxSplits});
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
+// Blocks of a grid-stride elementwise kernel over n items.
+unsigned elementwise_blocks(int64_t n) {
+  const int64_t cap = 32 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kElementwiseThreads), cap)));
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB needs an opt-in).
+template <typename Kernel>
+void set_shared_memory(Kernel kernel, size_t bytes) {
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(bytes <= limit, "smca CUDA kernel: needs ", bytes,
+              " bytes of shared memory per block, this GPU allows ", limit);
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+void check_grid(int64_t blocks) {
+  TORCH_CHECK(blocks <= INT_MAX, "smca CUDA kernel: problem too large (", blocks, " blocks)");
+}
+
+template <typename scalar_t, int D>
+void run_forward(const Problem& p, at::Tensor& out, at::Tensor& out_levels, at::Tensor& lse) {
+  constexpr int BM = Tiles<D>::kForwardM, BN = Tiles<D>::kForwardN;
+  const LevelTable levels = make_level_table(p.spatial_shapes, BN);
+  const int64_t num_rows = p.num_rows();
+  const int64_t q_tiles = ceil_div(p.Nq, BM);
+  check_grid(p.B * p.H * q_tiles);
+  const int splits = key_splits(p.B * p.H * q_tiles, levels.tile_begin[p.S]);
+  const auto f32 = p.q.options().dtype(at::kFloat);
+  at::Tensor m_part = at::empty({splits, num_rows, p.S}, f32);
+  at::Tensor l_part = at::empty({splits, num_rows, p.S}, f32);
+  at::Tensor acc_part = at::empty({splits, num_rows, p.S, p.D}, f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  auto kernel = forward_kernel<scalar_t, D, BM, BN>;
+  const size_t smem = sizeof(float) * ((BM + 2 * BN) * (D + 1) + BM * (BN + 1));
+  set_shared_memory(kernel, smem);
+  kernel<<<dim3(static_cast<unsigned>(p.B * p.H * q_tiles), splits), kThreads, smem, stream>>>(
+      p.q.data_ptr<scalar_t>(), p.k.data_ptr<scalar_t>(), p.v.data_ptr<scalar_t>(),
+      p.centers.data_ptr<float>(), p.precision.data_ptr<float>(), p.mask_ptr(),
+      m_part.data_ptr<float>(), l_part.data_ptr<float>(), acc_part.data_ptr<float>(), levels,
+      static_cast<int>(p.H), static_cast<int>(p.Nq), static_cast<int>(p.L),
+      static_cast<int>(q_tiles), p.scale, p.dropout_p, p.seed);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  forward_combine_kernel<scalar_t>
+      <<<elementwise_blocks(num_rows * D), kElementwiseThreads, 0, stream>>>(
+          m_part.data_ptr<float>(), l_part.data_ptr<float>(), acc_part.data_ptr<float>(),
+          p.alpha_ptr(), out.data_ptr<scalar_t>(),
+          p.alpha.defined() ? out_levels.data_ptr<scalar_t>() : nullptr, lse.data_ptr<float>(),
+          num_rows, static_cast<int>(p.S), D, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct Grads {
+  at::Tensor q, k, v, centers, precision, alpha;
+};
+
+template <typename scalar_t, int D>
+void run_backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& out_levels,
+                  const at::Tensor& lse, Grads& g) {
+  const int64_t num_rows = p.num_rows();
+  const auto f32 = p.q.options().dtype(at::kFloat);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int H = static_cast<int>(p.H), Nq = static_cast<int>(p.Nq), L = static_cast<int>(p.L);
+
+  at::Tensor delta = at::empty({num_rows, p.S}, f32);
+  backward_preprocess_kernel<scalar_t>
+      <<<elementwise_blocks(num_rows * p.S * 32), kElementwiseThreads, 0, stream>>>(
+          grad_out.data_ptr<scalar_t>(), out_levels.data_ptr<scalar_t>(), p.alpha_ptr(),
+          delta.data_ptr<float>(), p.alpha.defined() ? g.alpha.data_ptr<float>() : nullptr,
+          num_rows, static_cast<int>(p.S), D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  {  // dq, dcenters, dprecision
+    constexpr int BM = Tiles<D>::kDqM, BN = Tiles<D>::kDqN;
+    const LevelTable levels = make_level_table(p.spatial_shapes, BN);
+    const int64_t q_tiles = ceil_div(p.Nq, BM);
+    check_grid(p.B * p.H * q_tiles);
+    const int splits = key_splits(p.B * p.H * q_tiles, levels.tile_begin[p.S]);
+    at::Tensor dq_part = at::empty({splits, num_rows, p.D}, f32);
+    at::Tensor rowsum_part = at::empty({splits, num_rows, p.S, 4}, f32);
+    auto kernel = backward_dq_kernel<scalar_t, D, BM, BN>;
+    const size_t smem = sizeof(float) * (2 * (BM + BN) * (D + 1) + BM * (BN + 1));
+    set_shared_memory(kernel, smem);
+    kernel<<<dim3(static_cast<unsigned>(p.B * p.H * q_tiles), splits), kThreads, smem, stream>>>(
+        p.q.data_ptr<scalar_t>(), p.k.data_ptr<scalar_t>(), p.v.data_ptr<scalar_t>(),
+        grad_out.data_ptr<scalar_t>(), p.centers.data_ptr<float>(), p.precision.data_ptr<float>(),
+        p.alpha_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), p.mask_ptr(),
+        dq_part.data_ptr<float>(), rowsum_part.data_ptr<float>(), levels, H, Nq, L,
+        static_cast<int>(q_tiles), p.scale, p.dropout_p, p.seed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_dq_reduce_kernel<scalar_t>
+        <<<elementwise_blocks(num_rows * D), kElementwiseThreads, 0, stream>>>(
+            dq_part.data_ptr<float>(), rowsum_part.data_ptr<float>(),
+            p.precision.data_ptr<float>(), g.q.data_ptr<scalar_t>(),
+            g.centers.data_ptr<float>(), g.precision.data_ptr<float>(), num_rows,
+            static_cast<int>(p.S), D, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  {  // dk, dv
+    constexpr int BN = Tiles<D>::kDkvN, BM = Tiles<D>::kDkvM;
+    const LevelTable levels = make_level_table(p.spatial_shapes, BN);
+    const int k_tiles = levels.tile_begin[p.S];
+    check_grid(p.B * p.H * k_tiles);
+    auto kernel = backward_dkdv_kernel<scalar_t, D, BN, BM>;
+    const size_t smem =
+        sizeof(float) * (2 * (BN + BM) * (D + 1) + 2 * BN * (BM + 1) + 6 * BM);
+    set_shared_memory(kernel, smem);
+    kernel<<<static_cast<unsigned>(p.B * p.H * k_tiles), kThreads, smem, stream>>>(
+        p.q.data_ptr<scalar_t>(), p.k.data_ptr<scalar_t>(), p.v.data_ptr<scalar_t>(),
+        grad_out.data_ptr<scalar_t>(), p.centers.data_ptr<float>(), p.precision.data_ptr<float>(),
+        p.alpha_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), p.mask_ptr(),
+        g.k.data_ptr<scalar_t>(), g.v.data_ptr<scalar_t>(), levels, H, Nq, L, k_tiles, p.scale,
+        p.dropout_p, p.seed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Calls fn(std::integral_constant<int, D>) for the supported head dims.
+template <typename Fn>
+void with_head_dim(int64_t D, Fn&& fn) {
+  switch (D) {
+    case 16: return fn(std::integral_constant<int, 16>());
+    case 32: return fn(std::integral_constant<int, 32>());
+    case 64: return fn(std::integral_constant<int, 64>());
+    case 128: return fn(std::integral_constant<int, 128>());
+    default: TORCH_CHECK(false, "q: unsupported head dim ", D);
+  }
+}
+
+#define SMCA_DISPATCH_16BIT_AND_FLOAT(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                         \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coattention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& centers,
+    const at::Tensor& precision, const std::optional<at::Tensor>& alpha,
+    c10::IntArrayRef spatial_shapes, const std::optional<at::Tensor>& key_padding_mask,
+    double scale, double dropout_p, int64_t seed) {
+  const Problem p = make_problem(q, k, v, centers, precision, alpha, spatial_shapes,
+                                 key_padding_mask, scale, dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(p.q);
+  at::Tensor out_levels = p.alpha.defined() ? at::empty({p.B, p.H, p.Nq, p.S, p.D}, p.q.options())
+                                            : at::empty({0}, p.q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Nq, p.S}, p.q.options().dtype(at::kFloat));
+  if (p.num_rows() == 0) return {out, out_levels, lse};
+  SMCA_DISPATCH_16BIT_AND_FLOAT(p.q.scalar_type(), "smca_coattention_forward_cuda", [&] {
+    with_head_dim(p.D, [&](auto head_dim) {
+      run_forward<scalar_t, decltype(head_dim)::value>(p, out, out_levels, lse);
+    });
+  });
+  return {out, out_levels, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+coattention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& centers,
+                          const at::Tensor& precision, const std::optional<at::Tensor>& alpha,
+                          const at::Tensor& out_levels, const at::Tensor& lse,
+                          c10::IntArrayRef spatial_shapes,
+                          const std::optional<at::Tensor>& key_padding_mask, double scale,
+                          double dropout_p, int64_t seed) {
+  const Problem p = make_problem(q, k, v, centers, precision, alpha, spatial_shapes,
+                                 key_padding_mask, scale, dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out: expected the shape of q ", q.sizes(),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "grad_out: expected dtype ", q.dtype(),
+              ", got ", grad_out.dtype());
+  TORCH_CHECK(out_levels.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, p.S, p.D}),
+              "out_levels: expected (B, H, Nq, S, D) = (", p.B, ", ", p.H, ", ", p.Nq, ", ", p.S,
+              ", ", p.D, "), got shape ", out_levels.sizes());
+  TORCH_CHECK(out_levels.scalar_type() == q.scalar_type(), "out_levels: expected dtype ",
+              q.dtype(), ", got ", out_levels.dtype());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, p.S}),
+              "lse: expected (B, H, Nq, S) = (", p.B, ", ", p.H, ", ", p.Nq, ", ", p.S,
+              "), got shape ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.dtype());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out},
+                                {"out_levels", &out_levels},
+                                {"lse", &lse}}) {
+    TORCH_CHECK(t->device() == q.device(), name, ": expected device ", q.device(), ", got ",
+                t->device());
+  }
+  const at::Tensor grad_out_c = grad_out.contiguous();
+  const at::Tensor out_levels_c = out_levels.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+
+  Grads g;
+  g.q = at::empty_like(p.q);
+  g.k = at::empty_like(p.k);
+  g.v = at::empty_like(p.v);
+  g.centers = at::empty_like(p.centers);
+  g.precision = at::empty_like(p.precision);
+  g.alpha = p.alpha.defined() ? at::empty_like(p.alpha) : at::empty({0}, p.centers.options());
+  if (p.num_rows() == 0) {  // no query: nothing flows to the keys
+    g.k.zero_();
+    g.v.zero_();
+  } else {
+    SMCA_DISPATCH_16BIT_AND_FLOAT(p.q.scalar_type(), "smca_coattention_backward_cuda", [&] {
+      with_head_dim(p.D, [&](auto head_dim) {
+        run_backward<scalar_t, decltype(head_dim)::value>(p, grad_out_c, out_levels_c, lse_c, g);
+      });
+    });
+  }
+  return {g.q, g.k, g.v, g.centers, g.precision, g.alpha};
+}
+
+}  // namespace
+
+int64_t cuda_runtime_version() { return CUDART_VERSION; }
+
+TORCH_LIBRARY_IMPL(smca, CUDA, m) {
+  m.impl("_coattention_forward", &coattention_forward_cuda);
+  m.impl("_coattention_backward", &coattention_backward_cuda);
+}
+
+}  // namespace smca

@@ -1,0 +1,22 @@
+// Declarations shared by the CPU and CUDA kernels.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+namespace smca {
+
+// Checks the arguments of _coattention_forward/_coattention_backward (shapes, dtypes, devices)
+// with messages that name the argument; returns the number of levels S. `out_levels` and
+// `grad_out` are checked only when defined (backward).
+int64_t check_coattention_args(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& centers,
+    const at::Tensor& precision, const std::optional<at::Tensor>& alpha,
+    c10::IntArrayRef spatial_shapes, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p);
+
+#ifdef SMCA_WITH_CUDA
+int64_t cuda_runtime_version();
+#endif
+
+}  // namespace smca

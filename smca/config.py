@@ -1,0 +1,158 @@
+"""One configuration object for model, loss, data and training, and the paper's presets.
+
+The config travels as plain data: `to_dict()` goes into checkpoints and `from_dict()` reads it
+back (a pickled dataclass or argparse.Namespace would tie checkpoints to this module's code).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = ["Config", "PRESETS"]
+
+MODELS = ("smca", "smca_ms", "detr")
+BACKBONES = ("resnet50", "resnet18")
+MODULATIONS = ("multi_head", "head_shared")
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def _default_device() -> str:
+    import torch  # imported here so that `import smca` stays light
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Config:
+    """Every knob of a run. Defaults are the paper's single-scale SMCA-DETR (ResNet-50).
+
+    Model:
+        model: "smca" (single scale), "smca_ms" (multi-scale, scale-selective) or "detr"
+            (the same code with the Gaussian off).
+        backbone: "resnet50" or "resnet18"; backbone_weights: a local state-dict file of the
+            torchvision ResNet (no downloads); None starts from random weights.
+        modulation: "multi_head" (a centre offset and scale per head) or "head_shared".
+        beta: bandwidth of the Gaussian prior; precision = scale / sqrt(beta).
+        attention_backend: the smca_kernels backend of every cross-attention.
+        num_classes: logits per query (sigmoid, no "no-object" class); category ids of the
+            data must be < num_classes (COCO: 91).
+    Loss and matching: focal_* (sigmoid focal loss), *_loss_coef, set_cost_* (matcher), topk
+        (post-processing over query x class).
+    Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; images are resized to a
+        shorter side in min_sizes (training) or eval_size (evaluation, predict), longer side at
+        most max_size.
+    """
+
+    # model
+    model: str = "smca"
+    backbone: str = "resnet50"
+    backbone_weights: Optional[str] = None
+    hidden_dim: int = 256
+    nheads: int = 8
+    num_queries: int = 300
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_classes: int = 91
+    modulation: str = "multi_head"
+    beta: float = 8.0
+    attention_backend: str = "auto"
+    aux_loss: bool = True
+    # loss and matching
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    topk: int = 300
+    # training
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    epochs: int = 50
+    lr_drop: int = 40
+    batch_size: int = 2
+    clip_max_norm: float = 0.1
+    seed: int = 42
+    num_workers: int = 2
+    device: str = field(default_factory=_default_device)
+    amp: str = "off"
+    # data
+    max_size: int = 1333
+    min_sizes: Tuple[int, ...] = tuple(range(480, 801, 32))
+    eval_size: int = 800
+    coco_path: Optional[str] = None
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    eval: bool = False
+
+    def __post_init__(self) -> None:
+        self.min_sizes = tuple(int(s) for s in self.min_sizes)
+        for name, value, choices in (
+            ("model", self.model, MODELS),
+            ("backbone", self.backbone, BACKBONES),
+            ("modulation", self.modulation, MODULATIONS),
+            ("amp", self.amp, AMP_MODES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+        # the sine position encoding pairs sin/cos features on each of the two axes
+        if self.hidden_dim % self.nheads or self.hidden_dim % 4:
+            raise ValueError(
+                f"hidden_dim ({self.hidden_dim}) must be divisible by 4 and by nheads ({self.nheads})"
+            )
+        if self.max_size <= max((self.eval_size,) + self.min_sizes):
+            raise ValueError(
+                f"max_size ({self.max_size}) must exceed eval_size ({self.eval_size}) and every min_sizes entry"
+            )
+        if self.dec_layers < 1 or self.num_queries < 1 or self.num_classes < 1:
+            raise ValueError("dec_layers, num_queries and num_classes must be >= 1")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (str, int, float, bool, None, list) for JSON and checkpoints."""
+        data = dataclasses.asdict(self)
+        data["min_sizes"] = list(self.min_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Config":
+        """Inverse of to_dict. Unknown keys are an error (a typo must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Config: unknown fields {unknown}")
+        return cls(**data)
+
+
+# Overrides of the defaults. The paper's settings (SPEC section 2), and a tiny CPU-friendly demo
+# (num_classes is left to the data set: the training CLI sets it).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "smca_r50": {"model": "smca", "backbone": "resnet50", "modulation": "multi_head"},
+    "smca_shared_r50": {"model": "smca", "backbone": "resnet50", "modulation": "head_shared"},
+    "smca_ms_r50": {"model": "smca_ms", "backbone": "resnet50", "enc_layers": 5, "dim_feedforward": 1024},
+    "detr_r50": {"model": "detr", "backbone": "resnet50"},
+    "demo": {
+        "model": "smca",
+        "backbone": "resnet18",
+        "hidden_dim": 64,
+        "nheads": 8,
+        "num_queries": 50,
+        "enc_layers": 2,
+        "dec_layers": 3,
+        "dim_feedforward": 256,
+        "dropout": 0.0,
+        "topk": 100,
+        # the backbone starts from random weights, so it learns at the full rate
+        "lr": 2e-4,
+        "lr_backbone": 2e-4,
+        "batch_size": 8,
+        "epochs": 30,
+        "lr_drop": 25,
+        "max_size": 320,
+        "min_sizes": (192, 224, 256),
+        "eval_size": 256,
+    },
+}

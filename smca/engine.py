@@ -1,0 +1,245 @@
+"""One training epoch, and evaluation with COCO's box AP.
+
+Data loaders yield (images (B, 3, H, W), pixel_mask (B, H, W) True = padding, targets) as
+smca.data.collate_fn builds them. Under DDP every process runs its share; losses are averaged
+over processes and detections gathered on the main process, which computes the COCO metrics.
+"""
+import contextlib
+import io
+import math
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .distributed import all_gather_object, all_reduce_mean, is_main_process
+
+__all__ = [
+    "NonFiniteLossError",
+    "autocast",
+    "train_one_epoch",
+    "evaluate",
+    "coco_evaluate",
+    "format_coco_summary",
+    "COCO_STAT_NAMES",
+]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training must stop."""
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision for the model's forward: amp "off", "bf16" or "fp16"."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _to_float32(outputs: Any) -> Any:
+    """Cast the floating tensors of a (nested) model output to float32, so losses and
+    post-processing run in full precision after an autocast forward."""
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float32(v) for v in outputs)
+    return outputs
+
+
+def _to_device(images: Tensor, pixel_mask: Tensor, targets: List[Dict[str, Tensor]], device: torch.device):
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True), pixel_mask.to(device, non_blocking=True), targets
+
+
+def _loss_values(losses: Dict[str, Tensor], device: torch.device) -> Dict[str, float]:
+    """Scalar losses -> python floats averaged over processes (one device sync per step)."""
+    keys = sorted(losses)
+    values = torch.stack([losses[k].detach().float().reshape(()) for k in keys]).tolist()
+    return all_reduce_mean(dict(zip(keys, values)), device)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    clip_max_norm: float = 0.0,
+    amp: str = "off",
+    scaler: Optional[torch.amp.GradScaler] = None,
+    progress: bool = True,
+) -> Dict[str, float]:
+    """Train for one pass over data_loader; returns the epoch means of the logged losses and lr.
+
+    criterion(outputs, targets) returns scalar losses with the total under "loss". A
+    GradScaler (for amp "fp16") scales the loss and skips steps with non-finite gradients.
+    Raises NonFiniteLossError as soon as the (process-averaged) loss is NaN or infinite,
+    before the optimizer step, so the weights stay those of the last finite step.
+    """
+    model.train()
+    criterion.train()
+    sums: Dict[str, float] = defaultdict(float)
+    steps = 0
+    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not (progress and is_main_process()), leave=False, dynamic_ncols=True)
+    for images, pixel_mask, targets in bar:
+        images, pixel_mask, targets = _to_device(images, pixel_mask, targets, device)
+        with autocast(device, amp):
+            outputs = model(images, pixel_mask)
+        losses = criterion(_to_float32(outputs), targets)
+        values = _loss_values(losses, device)
+        if not math.isfinite(values["loss"]):
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise NonFiniteLossError(f"loss is {values['loss']} at epoch {epoch}, iteration {steps}; stopping ({parts})")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        else:
+            losses["loss"].backward()
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        for k, v in values.items():
+            sums[k] += v
+        steps += 1
+        bar.set_postfix(loss=f"{values['loss']:.3f}")
+    if steps == 0:
+        raise ValueError("the training loader yielded no batch: the training set has fewer images than one batch per process")
+    stats = {k: v / steps for k, v in sums.items()}
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    return stats
+
+
+def _coco_detections(image_id: int, result: Dict[str, Tensor]) -> List[Dict[str, Any]]:
+    """Post-processed boxes (xyxy, absolute) of one image -> COCO result dicts (bbox xywh)."""
+    boxes = result["boxes"].detach().float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    return [
+        dict(image_id=image_id, category_id=int(label), bbox=[round(v, 3) for v in box], score=float(score))
+        for box, label, score in zip(boxes.tolist(), result["labels"].tolist(), result["scores"].tolist())
+    ]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    criterion: Optional[torch.nn.Module],
+    postprocessor,
+    data_loader: Iterable,
+    device: torch.device,
+    amp: str = "off",
+    progress: bool = True,
+    eval_backend: str = "auto",
+) -> Dict[str, Any]:
+    """Losses and COCO box AP over data_loader (its dataset must have a pycocotools `coco`).
+
+    postprocessor(outputs, orig_sizes (B, 2) (h, w)) gives per image dict(scores, labels
+    (category ids), boxes absolute xyxy in the original image). Returns the mean losses (when
+    a criterion is given) and, on the main process, "coco_eval_bbox": the 12 COCO statistics
+    (COCO_STAT_NAMES), after printing COCO's summary.
+    """
+    model.eval()
+    if criterion is not None:
+        criterion.eval()
+    sums: Dict[str, float] = defaultdict(float)
+    steps = 0
+    detections: Dict[int, List[Dict[str, Any]]] = {}
+    bar = tqdm(data_loader, desc="eval", disable=not (progress and is_main_process()), leave=False, dynamic_ncols=True)
+    for images, pixel_mask, targets in bar:
+        images, pixel_mask, targets = _to_device(images, pixel_mask, targets, device)
+        with autocast(device, amp):
+            outputs = model(images, pixel_mask)
+        outputs = _to_float32(outputs)
+        if criterion is not None:
+            for k, v in _loss_values(criterion(outputs, targets), device).items():
+                sums[k] += v
+            steps += 1
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        for target, result in zip(targets, postprocessor(outputs, orig_sizes)):
+            image_id = int(target["image_id"])
+            detections[image_id] = _coco_detections(image_id, result)
+    stats: Dict[str, Any] = {k: v / steps for k, v in sums.items()}
+    # A DistributedSampler repeats a few images to even out the shards; the dict merge drops them.
+    merged: Dict[int, List[Dict[str, Any]]] = {}
+    for part in all_gather_object(detections):
+        merged.update(part)
+    if is_main_process():
+        results = [d for image_id in sorted(merged) for d in merged[image_id]]
+        coco_stats = coco_evaluate(data_loader.dataset.coco, results, sorted(merged), backend=eval_backend)
+        stats["coco_eval_bbox"] = coco_stats.tolist()
+    return stats
+
+
+def format_coco_summary(stats: Sequence[float]) -> str:
+    """COCO's standard 12-line box summary, as pycocotools prints it."""
+    rows = [
+        (1, "0.50:0.95", "all", 100), (1, "0.50", "all", 100), (1, "0.75", "all", 100),
+        (1, "0.50:0.95", "small", 100), (1, "0.50:0.95", "medium", 100), (1, "0.50:0.95", "large", 100),
+        (0, "0.50:0.95", "all", 1), (0, "0.50:0.95", "all", 10), (0, "0.50:0.95", "all", 100),
+        (0, "0.50:0.95", "small", 100), (0, "0.50:0.95", "medium", 100), (0, "0.50:0.95", "large", 100),
+    ]
+    lines = []
+    for (is_ap, iou, area, max_dets), value in zip(rows, stats):
+        title, kind = ("Average Precision", "(AP)") if is_ap else ("Average Recall", "(AR)")
+        lines.append(f" {title:<18} {kind} @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {value:0.3f}")
+    return "\n".join(lines)
+
+
+def coco_evaluate(coco_gt, detections: List[Dict[str, Any]], image_ids: Sequence[int], backend: str = "auto", verbose: bool = True) -> np.ndarray:
+    """COCO box metrics of `detections` on the images `image_ids`; prints COCO's 12-line summary.
+
+    coco_gt: a pycocotools COCO (its `.dataset` dict is read); detections: COCO result dicts
+    (image_id, category_id, bbox [x, y, w, h], score); backend: "faster_coco_eval",
+    "pycocotools" or "auto" (faster_coco_eval when installed). Returns the 12 statistics
+    (COCO_STAT_NAMES); -1 where a statistic has no ground truth, as COCO reports it.
+    """
+    if backend == "auto":
+        try:
+            import faster_coco_eval  # noqa: F401
+
+            backend = "faster_coco_eval"
+        except ImportError:
+            backend = "pycocotools"
+    image_ids = list(image_ids)
+    if not detections:
+        # COCO's loadRes cannot build a result set from nothing; no detection means no recall.
+        stats = np.zeros(12)
+    elif backend == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        gt = COCO(coco_gt.dataset)
+        evaluator = COCOeval_faster(gt, gt.loadRes(detections), "bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        stats = np.asarray(evaluator.stats[:12], dtype=np.float64)
+    elif backend == "pycocotools":
+        from pycocotools.cocoeval import COCOeval
+
+        # pycocotools prints its progress and its own summary; ours (the same lines) follows.
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+            evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        stats = np.asarray(evaluator.stats[:12], dtype=np.float64)
+    else:
+        raise ValueError(f"backend: expected 'auto', 'faster_coco_eval' or 'pycocotools', got {backend!r}")
+    if verbose:
+        print(format_coco_summary(stats))
+    return stats

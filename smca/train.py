@@ -1,0 +1,304 @@
+"""Train or evaluate SMCA-DETR: `python -m smca.train` (console script `smca-train`).
+
+    python -m smca.train --preset demo --coco_path DATA --output_dir OUT --epochs 10
+    python -m smca.train --preset smca_r50 --coco_path /data/coco --output_dir OUT \\
+        --backbone_weights resnet50.pth                      # the paper's single-scale run
+    torchrun --nproc_per_node 8 -m smca.train --preset smca_ms_r50 ...   # DDP, one GPU each
+    python -m smca.train --preset demo --coco_path DATA --resume OUT/checkpoint.pth --eval
+
+DETR's arguments, plus --model, --attention_backend, --amp, --max_size and --preset (a named
+set of defaults from smca.config.PRESETS that explicit flags override). num_classes defaults to
+the data's largest category id + 1.
+
+Every epoch: train, evaluate on val (COCO's 12-line summary), append a JSON line to
+OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth. --resume continues from a
+checkpoint exactly. Input errors (missing data, malformed annotations, a checkpoint of another
+model) stop the run before anything in OUTPUT_DIR is written. A non-finite loss stops training
+(exit status 1) and leaves the last checkpoint as it was.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, check_compatible, load_checkpoint, restore, rng_state, save_checkpoint
+from .config import AMP_MODES, BACKBONES, MODELS, MODULATIONS, PRESETS, Config
+from .data import DatasetError, build_dataloader, build_dataset
+from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
+from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
+
+__all__ = ["get_args_parser", "build_config", "main"]
+
+PROG = "smca-train"
+ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+# Flags copied into Config when given; flags left out keep the preset's (or Config's) value.
+CONFIG_FLAGS = (
+    "model", "backbone", "backbone_weights", "hidden_dim", "nheads", "num_queries", "enc_layers", "dec_layers",
+    "dim_feedforward", "dropout", "num_classes", "modulation", "attention_backend", "aux_loss", "lr", "lr_backbone",
+    "weight_decay", "epochs", "lr_drop", "batch_size", "clip_max_norm", "seed", "num_workers", "device", "amp",
+    "max_size", "min_sizes", "eval_size", "coco_path", "output_dir", "resume",
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(PROG, description="Train or evaluate SMCA-DETR on a COCO-layout data set.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults (smca.config.PRESETS); flags override them")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODELS)
+    g.add_argument("--backbone", choices=BACKBONES)
+    g.add_argument("--backbone_weights", help="local torchvision ResNet state-dict file (no downloads)")
+    g.add_argument("--hidden_dim", type=int)
+    g.add_argument("--nheads", type=int)
+    g.add_argument("--num_queries", type=int)
+    g.add_argument("--enc_layers", type=int)
+    g.add_argument("--dec_layers", type=int)
+    g.add_argument("--dim_feedforward", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--num_classes", type=int, help="default: the data's largest category id + 1")
+    g.add_argument("--modulation", choices=MODULATIONS)
+    g.add_argument("--attention_backend", choices=ATTENTION_BACKENDS)
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_const", const=False, help="no losses on intermediate decoder layers")
+    g = p.add_argument_group("training")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr_backbone", type=float)
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr_drop", type=int, help="multiply the learning rates by 0.1 every lr_drop epochs")
+    g.add_argument("--batch_size", type=int, help="images per process")
+    g.add_argument("--clip_max_norm", type=float, help="gradient clipping max norm (0: off)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--num_workers", type=int)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--amp", choices=AMP_MODES, help="mixed precision of the forward pass")
+    g = p.add_argument_group("data")
+    g.add_argument("--coco_path", help="COCO-layout root: train2017/, val2017/, annotations/instances_*2017.json")
+    g.add_argument("--max_size", type=int, help="cap on the longer image side")
+    g.add_argument("--min_sizes", type=int, nargs="+", help="training shorter sides")
+    g.add_argument("--eval_size", type=int, help="evaluation shorter side")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", help="where to write log.txt and checkpoint.pth (nothing is saved without it)")
+    g.add_argument("--resume", help="checkpoint to continue from (with --eval: to evaluate)")
+    g.add_argument("--eval", action="store_true", help="only evaluate on val2017 and print COCO's summary")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The preset's values, overridden by every flag that was given."""
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in CONFIG_FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    values["eval"] = args.eval
+    return Config(**values)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _set_num_classes(cfg: Config, given: bool, categories: Dict[int, str]) -> None:
+    """Default num_classes to the largest category id + 1 (the sigmoid head has no background
+    class, labels index the logits directly); check an explicit value against the data."""
+    needed = max(categories) + 1
+    if not given:
+        cfg.num_classes = needed
+    elif cfg.num_classes < needed:
+        raise DatasetError(f"--num_classes {cfg.num_classes} is too small: the data has category id {needed - 1}")
+
+
+def _trim_log(path: str, start_epoch: int) -> None:
+    """Keep only the log lines of epochs before start_epoch (a resumed run writes the rest again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] < start_epoch:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed run
+            pass
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+class _TensorBoard:
+    """Scalars to OUTPUT_DIR/tensorboard when TensorBoard is installed (a warning otherwise)."""
+
+    def __init__(self, output_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print(f"{PROG}: warning: --tensorboard needs the tensorboard package; not logging to it", file=sys.stderr)
+            self.writer = None
+            return
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, stats: Dict, epoch: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in stats.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, epoch)
+        for name, value in zip(COCO_STAT_NAMES, stats.get("test_coco_eval_bbox", [])):
+            self.writer.add_scalar(f"test_{name}", value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _ap_line(coco_stats: Optional[List[float]]) -> str:
+    if not coco_stats:
+        return ""
+    return ", ".join(f"{name} {value:.3f}" for name, value in zip(COCO_STAT_NAMES[:6], coco_stats[:6]))
+
+
+def run(cfg: Config, args: argparse.Namespace) -> None:
+    """Everything main does after parsing; raises DatasetError, CheckpointError or NonFiniteLossError."""
+    from .models import build_model  # the model stack is heavy; `--help` should not wait for it
+
+    dist_info = init_distributed(cfg.device)
+    device = dist_info.device
+    main_process = is_main_process()
+    _seed_everything(cfg.seed + dist_info.rank)
+
+    # Check every input before anything is written.
+    dataset_val = build_dataset("val", cfg)
+    dataset_train = None if cfg.eval else build_dataset("train", cfg)
+    categories = (dataset_train or dataset_val).categories
+    _set_num_classes(cfg, args.num_classes is not None, categories)
+    state = None
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume)
+        check_compatible(state, cfg, cfg.resume)
+
+    model, criterion, postprocessor = build_model(cfg)
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    if dist_info.distributed:
+        device_ids = [dist_info.local_rank] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    loader_val = build_dataloader(dataset_val, cfg.batch_size, cfg.num_workers, train=False, distributed=dist_info.distributed)
+    progress = not args.no_progress
+    output_dir = cfg.output_dir if cfg.output_dir and main_process else None
+
+    if cfg.eval:
+        if state is not None:
+            restore(state, model_without_ddp, rank=None)
+        stats = evaluate(model, criterion, postprocessor, loader_val, device, cfg.amp, progress)
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "eval.json"), "w") as f:
+                json.dump({f"test_{k}": v for k, v in stats.items()}, f)
+        return
+
+    loader_train = build_dataloader(
+        dataset_train, cfg.batch_size, cfg.num_workers, train=True, distributed=dist_info.distributed, seed=cfg.seed
+    )
+    optimizer = torch.optim.AdamW(model_without_ddp.param_groups(cfg.lr_backbone), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    start_epoch = 0
+    if state is not None:
+        start_epoch = restore(state, model_without_ddp, optimizer, lr_scheduler, scaler, dist_info.rank, dist_info.world_size)
+        if dist_info.world_size != len(state["rng"]) and main_process:
+            print(f"{PROG}: note: the checkpoint was written by {len(state['rng'])} processes, this run has "
+                  f"{dist_info.world_size}: random generators start afresh", file=sys.stderr)
+    del state
+
+    checkpoint_path = os.path.join(cfg.output_dir, "checkpoint.pth") if cfg.output_dir else None
+    tensorboard = None
+    if output_dir:
+        log_path = os.path.join(output_dir, "log.txt")
+        os.makedirs(output_dir, exist_ok=True)
+        _trim_log(log_path, start_epoch)
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+        if args.tensorboard:
+            tensorboard = _TensorBoard(output_dir)
+    if main_process:
+        todo = f"epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else f"all {cfg.epochs} epochs done"
+        print(f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
+              f"{len(dataset_train)} training images, {todo}, device {device}")
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            start = time.time()
+            if dist_info.distributed:
+                loader_train.sampler.set_epoch(epoch)
+            train_stats = train_one_epoch(
+                model, criterion, loader_train, optimizer, device, epoch, cfg.clip_max_norm, cfg.amp, scaler, progress
+            )
+            lr_scheduler.step()
+            test_stats = evaluate(model, criterion, postprocessor, loader_val, device, cfg.amp, progress)
+            log = {
+                **{f"train_{k}": v for k, v in train_stats.items()},
+                **{f"test_{k}": v for k, v in test_stats.items()},
+                "epoch": epoch,
+                "n_parameters": n_parameters,
+                "epoch_time": time.time() - start,
+            }
+            # The checkpoint is the last thing of an epoch: the generators' state it keeps is the
+            # one the next epoch starts from. The log line goes first; a resume drops it again
+            # if the run stopped before its checkpoint.
+            rng_states = all_gather_object(rng_state())
+            if output_dir:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(log) + "\n")
+                if tensorboard is not None:
+                    tensorboard.log(log, epoch)
+                save_checkpoint(
+                    checkpoint_path, model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    epoch=epoch, cfg=cfg, scaler=scaler, categories=categories, rng_states=rng_states,
+                )
+            if main_process:
+                print(f"epoch {epoch}: loss {train_stats['loss']:.4f}, {_ap_line(test_stats.get('coco_eval_bbox'))}, "
+                      f"{log['epoch_time']:.1f} s")
+            barrier()
+    except NonFiniteLossError as err:
+        if checkpoint_path and os.path.isfile(checkpoint_path):
+            raise NonFiniteLossError(f"{err}. The last good checkpoint, {checkpoint_path}, is left as it was.") from None
+        raise NonFiniteLossError(f"{err}. No checkpoint was written.") from None
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
+    try:
+        run(cfg, args)
+    except (DatasetError, CheckpointError) as err:
+        parser.exit(2, f"{PROG}: error: {err}\n")
+    except NonFiniteLossError as err:
+        parser.exit(1, f"{PROG}: {err}\n")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""SMCAAttention: a drop-in for nn.MultiheadAttention whose attention is SMCA co-attention."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference
+from .ops import BACKENDS, gaussian_coattention, scale_selective_coattention
+
+__all__ = ["SMCAAttention"]
+
+
+def _as_level_list(spatial_shapes) -> list:
+    """(Hf, Wf) or [(Hf, Wf), ...] or an (S, 2) tensor -> [(Hf, Wf), ...]."""
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    spatial_shapes = list(spatial_shapes)
+    if len(spatial_shapes) == 2 and all(isinstance(n, int) for n in spatial_shapes):
+        return [tuple(spatial_shapes)]
+    return [tuple(shape) for shape in spatial_shapes]
+
+
+class SMCAAttention(nn.MultiheadAttention):
+    """Multi-head co-attention with a Gaussian spatial prior per query (SMCA).
+
+    Same constructor arguments and parameters (in_proj_weight or q/k/v_proj_weight,
+    in_proj_bias, out_proj) as nn.MultiheadAttention, so a MultiheadAttention state dict loads.
+    The keys are the cells of one feature map (Gaussian-modulated co-attention) or of several
+    concatenated maps (scale-selective co-attention, when `alpha` is given).
+
+    Args:
+        embed_dim, num_heads, dropout, bias, batch_first, kdim, vdim: as nn.MultiheadAttention.
+        backend: kernel backend of the op: "auto", "reference", "cpu", "triton" or "cuda".
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=batch_first, kdim=kdim, vdim=vdim)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, backend={self.backend!r}"
+
+    def _heads(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """(N, B, E_in) (or (B, N, E_in) batch-first) -> (B, H, N, D)."""
+        x = F.linear(x, weight, bias)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _projections(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        return w_q, w_k, w_v, b_q, b_k, b_v
+
+    def _expand_coordinates(self, t: Optional[Tensor], name: str, batch: int, queries: int, levels: int, like: Tensor) -> Tensor:
+        """(B, H or 1, Nq, [S,] 2) -> (B, H, Nq, S, 2); None -> zeros (no prior)."""
+        shape = (batch, self.num_heads, queries, levels, 2)
+        if t is None:
+            return like.new_zeros((), dtype=torch.float32).expand(shape)
+        if t.dim() == 4:
+            t = t.unsqueeze(3)
+        if t.dim() != 5 or t.shape[1] not in (1, self.num_heads) or (t.shape[0], t.shape[2], t.shape[3], t.shape[4]) != (batch, queries, levels, 2):
+            raise ValueError(
+                f"{name}: expected (B, H or 1, Nq, 2) or (B, H or 1, Nq, S, 2) with B={batch}, "
+                f"H={self.num_heads}, Nq={queries}, S={levels}, got {tuple(t.shape)}"
+            )
+        return t.expand(shape)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        *,
+        centers: Optional[Tensor] = None,
+        precision: Optional[Tensor] = None,
+        spatial_shapes: Union[Tuple[int, int], Sequence[Tuple[int, int]], Tensor],
+        alpha: Optional[Tensor] = None,
+        need_weights: bool = False,
+        average_attn_weights: bool = True,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """
+        Args:
+            query: (Nq, B, E) ((B, Nq, E) with batch_first).
+            key, value: (L, B, kdim/vdim) ((B, L, .) with batch_first); L = sum of Hf * Wf.
+            key_padding_mask: (B, L) bool, True = padding.
+            centers: (B, H or 1, Nq, 2) for one level or (B, H or 1, Nq, S, 2), in each level's
+                grid cells (x, y); a head axis of 1 is shared by all heads. None (with
+                precision None) gives plain attention: the DETR baseline on the same kernel.
+            precision: like centers, the bandwidth already folded in (a / sqrt(beta)).
+            spatial_shapes: (Hf, Wf) or [(Hf_0, Wf_0), ...].
+            alpha: (B, H or 1, Nq, S) level weights (already a softmax over levels); given, the
+                levels are mixed by scale-selective co-attention, else there must be one level.
+            need_weights: also return the attention weights (materialised by the reference).
+            average_attn_weights: average the weights over heads.
+        Returns:
+            (output (Nq, B, E) or (B, Nq, E), weights (B, Nq, L) / (B, H, Nq, L) or None)
+        """
+        if (centers is None) != (precision is None):
+            raise ValueError("centers and precision: give both (SMCA) or neither (plain attention)")
+        shapes = _as_level_list(spatial_shapes)
+        w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
+        q = self._heads(query, w_q, b_q)
+        k = self._heads(key, w_k, b_k)
+        v = self._heads(value, w_v, b_v)
+        batch, _, queries, _ = q.shape
+        levels = len(shapes)
+        centers = self._expand_coordinates(centers, "centers", batch, queries, levels, q)
+        precision = self._expand_coordinates(precision, "precision", batch, queries, levels, q)
+        dropout_p = self.dropout if self.training else 0.0
+        if alpha is None:
+            if levels != 1:
+                raise ValueError(f"alpha: required to mix {levels} levels (spatial_shapes {shapes})")
+            out = gaussian_coattention(
+                q, k, v, centers[:, :, :, 0], precision[:, :, :, 0], shapes[0], key_padding_mask,
+                dropout_p=dropout_p, backend=self.backend,
+            )
+        else:
+            if alpha.dim() != 4 or alpha.shape[1] not in (1, self.num_heads):
+                raise ValueError(f"alpha: expected (B, H or 1, Nq, S), got {tuple(alpha.shape)}")
+            alpha = alpha.expand(batch, self.num_heads, queries, alpha.shape[-1])
+            out = scale_selective_coattention(
+                q, k, v, centers, precision, alpha, shapes, key_padding_mask,
+                dropout_p=dropout_p, backend=self.backend,
+            )
+        out = out.transpose(1, 2).reshape(batch, queries, self.embed_dim)  # (B, Nq, E)
+        out = self.out_proj(out if self.batch_first else out.transpose(0, 1))
+        weights = None
+        if need_weights:
+            coord_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            weights = reference.attention_weights(
+                q, k, centers.to(coord_dtype), precision.to(coord_dtype), shapes, key_padding_mask,
+                alpha=alpha,
+            )
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        return out, weights

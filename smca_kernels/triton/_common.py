@@ -1,0 +1,205 @@
+"""Pieces shared by the forward and backward Triton kernels: the Gaussian log-prior, the dropout
+mask, the level table, argument checks and launch heuristics.
+
+Conventions of every kernel in this package:
+- Every tensor is contiguous. A program works on one (batch, head) pair `bh = b * H + h` and
+  first moves each pointer to that pair's slice (int64 arithmetic); offsets inside the slice are
+  then int32. The dropout offset of query row i is taken from `row = bh * Nq + i` in int64.
+- Scores are kept in base 2 (multiplied by log2(e)) so that the softmax uses exp2; the saved
+  lse is in natural units, as the operator contract says.
+- Coordinates, centres, precisions and alpha are float32; matrix products accumulate in float32.
+"""
+import functools
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Globals read inside kernels must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# The interpreter executes every block operation in numpy: one small configuration keeps the
+# CPU tests fast. Triton itself decides interpretation when a kernel is decorated, so this
+# module-level read agrees with it.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Query tile assumed by the split heuristic (the autotuned BLOCK_M may differ).
+NOMINAL_BLOCK_M = 64
+# A split should own at least this many keys of the largest level, or the combine step costs
+# more than the extra parallelism gains.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 16
+
+
+def configs(cuda_configs: Sequence[tuple], interpret_config: tuple) -> List[triton.Config]:
+    """Autotuning candidates from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    chosen = [interpret_config] if INTERPRET else cuda_configs
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in chosen
+    ]
+
+
+@triton.jit
+def log_prior(dx, dy, px, py):
+    """logG = -((px dx)^2 + (py dy)^2) with dx = x_j - cx_i, dy = y_j - cy_i, elementwise."""
+    tx = px * dx
+    ty = py * dy
+    return -(tx * tx + ty * ty)
+
+
+@triton.jit
+def load_gaussian(centers_ptr, precision_ptr, idx, row_ok):
+    """(cx, cy, px, py) for the (query row, level) pairs idx = row * S + s, 0 past the last row.
+
+    centers_ptr, precision_ptr: (B, H, Nq, S, 2) float32, last axis (x, y).
+    """
+    cx = tl.load(centers_ptr + 2 * idx, mask=row_ok, other=0.0)
+    cy = tl.load(centers_ptr + 2 * idx + 1, mask=row_ok, other=0.0)
+    px = tl.load(precision_ptr + 2 * idx, mask=row_ok, other=0.0)
+    py = tl.load(precision_ptr + 2 * idx + 1, mask=row_ok, other=0.0)
+    return cx, cy, px, py
+
+
+@triton.jit
+def valid_keys(mask_ptr, keys, key_ok, HAS_MASK: tl.constexpr):
+    """key_ok without the keys that key_padding_mask ignores.
+
+    mask_ptr: (L,) uint8 row of the batch element, 1 = ignore; keys: global key indices.
+    """
+    if HAS_MASK:
+        ignored = tl.load(mask_ptr + keys, mask=key_ok, other=1)
+        key_ok = key_ok & (ignored == 0)
+    return key_ok
+
+
+@triton.jit
+def dropout_keep(seed, rows, keys, L, dropout_p):
+    """True where attention element (row, key) survives dropout; rows, keys broadcast to the tile.
+
+    The Philox offset ((b * H + h) * Nq + i) * L + j is taken in int64, as in csrc/philox.h.
+    """
+    offset = rows.to(tl.int64) * L + keys
+    return tl.rand(seed, offset) >= dropout_p
+
+
+@functools.lru_cache(maxsize=128)
+def _level_table(spatial_shapes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    rows, start = [], 0
+    for height, width in zip(spatial_shapes[0::2], spatial_shapes[1::2]):
+        rows.append((start, height, width))
+        start += height * width
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def level_table(spatial_shapes: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(S, 3) int32 rows (start, height, width). Kernels read it at run time, so a new image size
+    recompiles nothing; it is cached so that repeated shapes copy nothing to the device (which
+    also keeps the launch capturable in a CUDA graph after the first call). Read-only."""
+    return _level_table(tuple(int(n) for n in spatial_shapes), device)
+
+
+def level_sizes(spatial_shapes: Sequence[int]) -> List[int]:
+    return [h * w for h, w in zip(spatial_shapes[0::2], spatial_shapes[1::2])]
+
+
+def bucket(n: int) -> int:
+    """Autotuning key for a size: the next power of two, so that the many image sizes of
+    detection training share a few tuning results instead of re-tuning on every new size."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def block_d(head_dim: int) -> int:
+    # tl.dot needs every dimension >= 16; the head dim is padded to a power of two and masked.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs must not be truncated to tf32: the float32 results are compared with the
+    # reference at float32 tolerance. 16-bit inputs ignore this setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch_heads: int, num_queries: int, largest_level: int,
+                       device: torch.device) -> int:
+    """How many programs share the keys of one query tile.
+
+    DETR has few queries (300) and many keys (1k-5k), so B * H * ceil(Nq / BLOCK_M) programs may
+    not fill the GPU; the key axis is then split until about two programs per SM exist. Off CUDA
+    (the interpreter) one split; tests force more with the launchers' num_splits argument.
+    """
+    if device.type != "cuda":
+        return 1
+    programs = batch_heads * triton.cdiv(num_queries, NOMINAL_BLOCK_M)
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs),
+                      triton.cdiv(largest_level, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def check_args(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask,
+               dropout_p) -> int:
+    """The checks of smca::check_coattention_args (csrc/checks.cpp) for the Triton backend, so a
+    direct call with bad input raises instead of reading out of bounds. Returns S."""
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise RuntimeError(message)
+
+    require(q.dim() == 4, f"q: expected (B, H, Nq, D), got shape {tuple(q.shape)}")
+    B, H, Nq, D = q.shape
+    require(k.dim() == 4 and (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D),
+            f"k: expected (B, H, L, D) = ({B}, {H}, L, {D}), got shape {tuple(k.shape)}")
+    require(v.shape == k.shape, f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    require(q.dtype in (torch.float32, torch.float16, torch.bfloat16),
+            f"q: the Triton backend takes float32, float16 or bfloat16, got {q.dtype}")
+    require(k.dtype == q.dtype and v.dtype == q.dtype,
+            f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    require(1 <= D <= 128, f"q: the Triton backend takes head dims 1..128, got {D}")
+    require(len(spatial_shapes) >= 2 and len(spatial_shapes) % 2 == 0,
+            f"spatial_shapes: expected [H0, W0, H1, W1, ...], got {list(spatial_shapes)}")
+    require(all(n > 0 for n in spatial_shapes),
+            f"spatial_shapes: expected positive sizes, got {list(spatial_shapes)}")
+    S = len(spatial_shapes) // 2
+    L = sum(level_sizes(spatial_shapes))
+    require(k.shape[2] == L, f"k: expected L = {L} keys for spatial_shapes {list(spatial_shapes)}, "
+            f"got {k.shape[2]}")
+    tensors = {"q": q, "k": k, "v": v, "centers": centers, "precision": precision}
+    for name in ("centers", "precision"):
+        t = tensors[name]
+        require(t.shape == (B, H, Nq, S, 2),
+                f"{name}: expected (B, H, Nq, S, 2) = ({B}, {H}, {Nq}, {S}, 2), got {tuple(t.shape)}")
+        require(t.dtype == torch.float32, f"{name}: expected dtype float32, got {t.dtype}")
+    if alpha is not None:
+        require(alpha.shape == (B, H, Nq, S),
+                f"alpha: expected (B, H, Nq, S) = ({B}, {H}, {Nq}, {S}), got {tuple(alpha.shape)}")
+        require(alpha.dtype == torch.float32, f"alpha: expected dtype float32, got {alpha.dtype}")
+        tensors["alpha"] = alpha
+    else:
+        require(S == 1, f"alpha: required with {S} levels")
+    if key_padding_mask is not None:
+        require(key_padding_mask.shape == (B, L),
+                f"key_padding_mask: expected (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
+        require(key_padding_mask.dtype == torch.bool,
+                f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
+        tensors["key_padding_mask"] = key_padding_mask
+    for name, t in tensors.items():
+        require(t.device == q.device, f"{name}: expected device {q.device}, got {t.device}")
+    require(0.0 <= dropout_p < 1.0, f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+    return S
+
+
+def mask_arg(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """The (B, L) mask as uint8 (1 = ignore), or a dummy pointer when there is none."""
+    if key_padding_mask is None:
+        return dummy
+    return key_padding_mask.contiguous().view(torch.uint8)
+

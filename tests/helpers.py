@@ -1,0 +1,115 @@
+"""Inputs and comparisons shared by the operator tests."""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+# Largest error allowed, relative to the largest magnitude of the float64 reference. Where the
+# problem itself is ill-conditioned in that dtype (a centre far outside the map makes logG
+# ~ -1e3, whose float32 rounding alone moves the softmax by ~1e-5), the reference computed in
+# the same dtype shows it, and a kernel may err by up to twice what the reference errs.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def allowed_error(dtype: torch.dtype, reference_error: float) -> float:
+    """The error a kernel in `dtype` may have, given the reference's own error in `dtype`."""
+    return max(TOLERANCE.get(dtype, 0.0), 2.0 * reference_error)
+
+
+@dataclass
+class Case:
+    """One operator call: shapes and the kind of input."""
+
+    B: int = 2
+    H: int = 2
+    Nq: int = 7
+    D: int = 16
+    shapes: List[Tuple[int, int]] = field(default_factory=lambda: [(3, 5)])
+    multi: bool = False  # scale-selective (with alpha) instead of Gaussian
+    mask: str = "none"  # none | random | empty_batch (element 1 all masked) | empty_level
+    outside: bool = False  # centres outside the map
+    layout: str = "contiguous"  # contiguous | strided (q, k, v transposed views, centres expanded over heads)
+
+    @property
+    def L(self) -> int:
+        return sum(h * w for h, w in self.shapes)
+
+    def __str__(self) -> str:
+        kind = "ss" if self.multi else "g"
+        maps = "+".join(f"{h}x{w}" for h, w in self.shapes)
+        return f"{kind}-B{self.B}H{self.H}Nq{self.Nq}D{self.D}-{maps}-{self.mask}{'-outside' if self.outside else ''}-{self.layout}"
+
+
+def make_inputs(case: Case, generator: torch.Generator) -> dict:
+    """Float64 leaf inputs for `case` on the CPU, drawn from `generator`."""
+    B, H, Nq, D, L, S = case.B, case.H, case.Nq, case.D, case.L, len(case.shapes)
+    f64 = dict(dtype=torch.float64, generator=generator)
+
+    def heads(n):  # (B, H, n, D), a transposed view when strided
+        if case.layout == "strided":
+            return torch.randn(B, n, H, D, **f64).transpose(1, 2)
+        return torch.randn(B, H, n, D, **f64)
+
+    sizes = torch.tensor([[w, h] for h, w in case.shapes], dtype=torch.float64)  # (S, 2) as (x, y)
+    low, high = (-1.0, 2.0) if case.outside else (0.0, 1.0)
+    heads_c = 1 if case.layout == "strided" else H  # strided: one head, expanded by `call`
+    centers = (low + (high - low) * torch.rand(B, heads_c, Nq, S, 2, **f64)) * sizes
+    precision = 0.1 + 0.6 * torch.rand(B, heads_c, Nq, S, 2, **f64)
+    mask = None
+    if case.mask != "none":
+        mask = torch.rand(B, L, generator=generator) < 0.3
+        if case.mask == "empty_batch":
+            mask[1] = True
+        elif case.mask == "empty_level":
+            h, w = case.shapes[0]
+            mask[1, : h * w] = True
+    inputs = dict(q=heads(Nq), k=heads(L), v=heads(L), centers=centers, precision=precision, mask=mask)
+    if case.multi:
+        inputs["alpha"] = torch.softmax(torch.randn(B, H, Nq, S, **f64), dim=-1)
+    else:
+        inputs["centers"], inputs["precision"] = centers[:, :, :, 0], precision[:, :, :, 0]
+    return inputs
+
+
+DIFFERENTIABLE = ("q", "k", "v", "centers", "precision", "alpha")
+
+
+def leaves(inputs: dict, dtype: torch.dtype, device: str) -> dict:
+    """Leaf copies of `inputs` in `dtype` on `device` (coordinates float32 unless float64) that
+    require grad; transposed q, k, v keep their strides."""
+    out = {}
+    for name, t in inputs.items():
+        if t is None or name == "mask":
+            out[name] = None if t is None else t.to(device)
+            continue
+        target = dtype if name in ("q", "k", "v") or dtype == torch.float64 else torch.float32
+        out[name] = t.detach().to(device=device, dtype=target).requires_grad_(True)
+    return out
+
+
+def call(op, case: Case, t: dict, backend: str, **kwargs):
+    """Runs the public op of `case` on tensors `t` with `backend`; centres and precision with one
+    head are expanded over heads (stride 0), as head-shared SMCA passes them."""
+    centers, precision = (x.expand(case.B, case.H, *x.shape[2:]) for x in (t["centers"], t["precision"]))
+    if case.multi:
+        return op.scale_selective_coattention(
+            t["q"], t["k"], t["v"], centers, precision, t["alpha"], case.shapes, t["mask"],
+            backend=backend, **kwargs,
+        )
+    return op.gaussian_coattention(
+        t["q"], t["k"], t["v"], centers, precision, case.shapes[0], t["mask"], backend=backend, **kwargs
+    )
+
+
+def grads(out: torch.Tensor, t: dict, grad_out: torch.Tensor) -> dict:
+    names = [n for n in DIFFERENTIABLE if n in t and t[n] is not None and t[n].requires_grad]
+    values = torch.autograd.grad(out, [t[n] for n in names], grad_out, allow_unused=True)
+    return dict(zip(names, values))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (absolute when expected is all zeros)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)

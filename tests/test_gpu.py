@@ -1,0 +1,53 @@
+"""The GPU kernels (C++/CUDA and Triton) against the reference at the SPEC section 4 shapes.
+
+A kernel's error against the float64 reference must be at most twice the error of the reference
+itself computed in the kernel's dtype (and fp32 within 1e-5 relative in any case: see
+helpers.allowed_error). Skipped without a GPU.
+"""
+import zlib
+
+import pytest
+import torch
+
+import smca_kernels as sk
+from helpers import Case, allowed_error, call, grads, leaves, make_inputs, relative_error
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = [
+    Case(B=2, H=8, Nq=300, D=32, shapes=[(25, 38)], mask="random"),
+    Case(B=2, H=8, Nq=300, D=32, shapes=[(50, 76), (25, 38), (13, 19)], multi=True, mask="empty_level"),
+    Case(B=2, H=8, Nq=300, D=64, shapes=[(25, 38)], mask="empty_batch", layout="strided"),
+    Case(B=1, H=2, Nq=1, D=16, shapes=[(1, 1)]),
+    Case(B=2, H=2, Nq=7, D=128, shapes=[(3, 5), (2, 2)], multi=True, outside=True),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _backends():
+    return [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in sk.available_backends("cuda")]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gpu_matches_reference(backend, dtype, case):
+    if backend not in _backends():
+        pytest.fail(f"backend {backend} is not available on this GPU machine: {sk.available_backends('cuda')}")
+    generator = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
+    inputs = make_inputs(case, generator)
+    exact_t = leaves(inputs, torch.float64, "cuda")
+    exact = call(sk, case, exact_t, "reference")
+    grad_out = torch.randn(exact.shape, dtype=torch.float64, generator=generator).cuda()
+    exact_g = grads(exact, exact_t, grad_out)
+
+    kernel_t = leaves(inputs, dtype, "cuda")
+    kernel = call(sk, case, kernel_t, backend)
+    kernel_g = grads(kernel, kernel_t, grad_out.to(dtype))
+    ref_t = leaves(inputs, dtype, "cuda")
+    ref = call(sk, case, ref_t, "reference")
+    ref_g = grads(ref, ref_t, grad_out.to(dtype))
+    assert relative_error(kernel, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
+    for name in exact_g:
+        allowed = allowed_error(dtype, relative_error(ref_g[name], exact_g[name]))
+        assert relative_error(kernel_g[name], exact_g[name]) <= allowed, f"grad of {name}"
