@@ -1,7 +1,8 @@
 # make install: .venv with torch, torchvision and the rest, then builds smca_kernels._C
 #               (C++ CPU always; CUDA when torch is a CUDA build and nvcc is found).
 # make test:    install, then the test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU).
-# make demo:    install, then the main job on the built-in data.
+# make demo:    install, then the main job: make the built-in data set, train a small SMCA-DETR,
+#               evaluate, draw predictions (python -m smca.demo).
 # make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results).
 PYTHON ?= python3
 VENV := .venv
@@ -35,7 +36,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) benchmarks/bench_coattention.py
+	$(PY) -m smca.demo
 
 bench: install
 	$(PY) benchmarks/bench_coattention.py

@@ -10,6 +10,7 @@ the model, optimizer and batch already hold: on CUDA torch.cuda.max_memory_alloc
 reset_peak_memory_stats; on CPU the growth of the process's peak resident set (ru_maxrss) over its
 resident set before the first step. Prints a table and writes benchmarks/results/train_step.csv.
 """
+
 import argparse
 import csv
 import json
@@ -24,8 +25,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "train_step.csv")
 FIELDS = [
-    "device", "device_name", "model", "backend", "resolved_backend", "batch", "height", "width", "queries",
-    "median_ms", "min_ms", "peak_mem_mib", "torch",
+    "device",
+    "device_name",
+    "model",
+    "backend",
+    "resolved_backend",
+    "batch",
+    "height",
+    "width",
+    "queries",
+    "median_ms",
+    "min_ms",
+    "peak_mem_mib",
+    "torch",
 ]
 
 
@@ -90,15 +102,32 @@ def child(args: argparse.Namespace) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
         name = platform.processor() or platform.machine()
     if args.backend == "auto":
-        resolved = available_backends(device)[0] if device.type == "cuda" else "cpu" if "cpu" in available_backends(device) else "reference"
+        resolved = (
+            available_backends(device)[0]
+            if device.type == "cuda"
+            else "cpu" if "cpu" in available_backends(device) else "reference"
+        )
     else:
         resolved = args.backend
-    print(json.dumps(dict(
-        device=device.type, device_name=name, model=cfg.model, backend=args.backend, resolved_backend=resolved,
-        batch=args.batch_size, height=args.height, width=args.width, queries=cfg.num_queries,
-        median_ms=round(1000 * statistics.median(times), 2), min_ms=round(1000 * min(times), 2),
-        peak_mem_mib=round(peak, 1), torch=torch.__version__,
-    )))
+    print(
+        json.dumps(
+            dict(
+                device=device.type,
+                device_name=name,
+                model=cfg.model,
+                backend=args.backend,
+                resolved_backend=resolved,
+                batch=args.batch_size,
+                height=args.height,
+                width=args.width,
+                queries=cfg.num_queries,
+                median_ms=round(1000 * statistics.median(times), 2),
+                min_ms=round(1000 * min(times), 2),
+                peak_mem_mib=round(peak, 1),
+                torch=torch.__version__,
+            )
+        )
+    )
 
 
 def main() -> None:
@@ -124,20 +153,38 @@ def main() -> None:
         return
 
     rows = []
-    common = ["--preset", args.preset, "--device", args.device, "--batch_size", str(args.batch_size), "--height",
-              str(args.height), "--width", str(args.width), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    common = [
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--batch_size",
+        str(args.batch_size),
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+    ]
     for backend in args.backends:
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend] + common,
-            capture_output=True, text=True, cwd=os.path.dirname(HERE),
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(HERE),
         )
         if out.returncode != 0:
             sys.exit(f"backend {backend!r} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     header = f"{'backend':<20} {'median ms':>10} {'min ms':>10} {'peak MiB':>10}"
-    print(f"{args.preset} training step, batch {args.batch_size} x {args.height}x{args.width}, "
-          f"{rows[0]['device_name']} ({args.device}), torch {rows[0]['torch']}")
+    print(
+        f"{args.preset} training step, batch {args.batch_size} x {args.height}x{args.width}, "
+        f"{rows[0]['device_name']} ({args.device}), torch {rows[0]['torch']}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -80,4 +80,28 @@ int64_t check_coattention_args(
   return S;
 }
 
+void check_coattention_backward_args(const at::Tensor& grad_out, const at::Tensor& q,
+                                     const at::Tensor& out_levels, const at::Tensor& lse,
+                                     int64_t S) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
+              "grad_out: expected the shape and dtype of q ", q.sizes(), " ", q.dtype(),
+              ", got ", grad_out.sizes(), " ", grad_out.dtype());
+  TORCH_CHECK(out_levels.sizes() == c10::IntArrayRef({B, H, Nq, S, D}) &&
+                  out_levels.scalar_type() == q.scalar_type(),
+              "out_levels: expected shape (B, H, Nq, S, D) = (", B, ", ", H, ", ", Nq, ", ", S,
+              ", ", D, ") and dtype ", q.dtype(), ", got ", out_levels.sizes(), " ",
+              out_levels.dtype());
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.sizes() == c10::IntArrayRef({B, H, Nq, S}) && lse.scalar_type() == lse_dtype,
+              "lse: expected shape (B, H, Nq, S) = (", B, ", ", H, ", ", Nq, ", ", S,
+              ") and dtype ", c10::toString(lse_dtype), ", got ", lse.sizes(), " ", lse.dtype());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out},
+                                {"out_levels", &out_levels},
+                                {"lse", &lse}}) {
+    TORCH_CHECK(t->device() == q.device(), name, ": expected device ", q.device(), ", got ",
+                t->device());
+  }
+}
+
 }  // namespace smca

@@ -11,6 +11,7 @@ os.replace, so a crash while saving leaves the previous checkpoint intact.
 Resuming restores every generator, so on CPU (num_workers 0) a run stopped after epoch k and
 resumed ends with the same weights, bit for bit, as a run straight through.
 """
+
 import os
 import random
 from typing import Any, Dict, List, Optional
@@ -19,15 +20,30 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CheckpointError", "ARCHITECTURE_FIELDS", "rng_state", "save_checkpoint", "load_checkpoint", "check_compatible", "restore",
+    "CheckpointError",
+    "ARCHITECTURE_FIELDS",
+    "rng_state",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_compatible",
+    "restore",
 ]
 
 FORMAT = "smca-checkpoint-1"
 # Config fields that change the weights' shapes or what the weights compute: a checkpoint
 # must agree with the run on all of them.
 ARCHITECTURE_FIELDS = (
-    "model", "backbone", "hidden_dim", "nheads", "num_queries", "enc_layers", "dec_layers",
-    "dim_feedforward", "num_classes", "modulation", "beta",
+    "model",
+    "backbone",
+    "hidden_dim",
+    "nheads",
+    "num_queries",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "num_classes",
+    "modulation",
+    "beta",
 )
 
 
@@ -40,7 +56,9 @@ def rng_state() -> Dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = dict(
         python=random.getstate(),
-        numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss)),
+        numpy=dict(
+            keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss)
+        ),
         torch=torch.get_rng_state(),
     )
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -51,7 +69,9 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    np.random.set_state(
+        ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -107,8 +127,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001  a damaged file fails in many ways (zip, pickle, decoding)
+        why = f"{type(err).__name__}: {err}"
         raise CheckpointError(
-            f"checkpoint {path!r} cannot be read: corrupt, truncated or not written by smca ({type(err).__name__}: {err})"
+            f"checkpoint {path!r} cannot be read: corrupt, truncated or not written by smca ({why})"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an smca checkpoint (no {FORMAT!r} format tag)")
@@ -119,7 +140,11 @@ def check_compatible(state: Dict[str, Any], cfg, path: str = "checkpoint") -> No
     """Raise CheckpointError naming every architecture field where the checkpoint and cfg differ."""
     saved = state["config"]
     current = cfg.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, run {current[k]!r}" for k in ARCHITECTURE_FIELDS if saved.get(k) != current[k]]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, run {current[k]!r}"
+        for k in ARCHITECTURE_FIELDS
+        if saved.get(k) != current[k]
+    ]
     if diffs:
         raise CheckpointError(f"{path} is of another model or configuration: " + "; ".join(diffs))
 

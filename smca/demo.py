@@ -7,6 +7,7 @@ log.txt and checkpoint.pth (a second run resumes from it), WORK_DIR/predictions 
 drawn on validation images and pictures of the top queries' Gaussian prior and attention.
 Prints COCO's summary after every epoch and the AP table at the end.
 """
+
 import argparse
 import json
 import os
@@ -21,7 +22,7 @@ from .engine import COCO_STAT_NAMES
 from .predict import load_model, predict_files
 
 # A few minutes on two CPU cores; a GPU gets through many more epochs in the same time.
-DEFAULT_EPOCHS = {"cpu": 6, "cuda": 50}
+DEFAULT_EPOCHS = {"cpu": 10, "cuda": 50}
 IMAGE_SIZE = 128
 PREDICTION_IMAGES = 4
 
@@ -30,7 +31,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser("smca.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work_dir", default="demo_output")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--epochs", type=int, help=f"default: {DEFAULT_EPOCHS['cpu']} on CPU, {DEFAULT_EPOCHS['cuda']} on CUDA")
+    p.add_argument(
+        "--epochs", type=int, help=f"default: {DEFAULT_EPOCHS['cpu']} on CPU, {DEFAULT_EPOCHS['cuda']} on CUDA"
+    )
     p.add_argument("--num_train", type=int, default=512)
     p.add_argument("--num_val", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=2)
@@ -48,12 +51,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         make_dataset(data, args.num_train, args.num_val, image_size=IMAGE_SIZE, seed=args.seed, max_objects=6)
         print(f"made {args.num_train} training and {args.num_val} validation images in {data}")
 
-    # The demo preset's model, at the scale of the data (shorter sides around 128 pixels).
+    # The demo preset's model at the scale of the data (shorter sides around 128 pixels), with
+    # width 128 (on 16 training images it doubles the AP reached in 60 epochs at the same cost).
+    # The backbone starts from random weights and its BatchNorm is frozen (an identity), so
+    # nothing bounds its activations: at the preset's backbone rate they grow ~100x in a few
+    # hundred steps until attention overflows; DETR's backbone rate keeps them in range.
     train_argv = [
         "--preset", "demo", "--coco_path", data, "--output_dir", train_dir, "--epochs", str(epochs),
         "--device", args.device, "--num_workers", str(args.num_workers), "--seed", str(args.seed),
         "--min_sizes", "96", "112", "128", "144", "--eval_size", "128", "--max_size", "192",
-    ]
+        "--hidden_dim", "128", "--dim_feedforward", "512", "--lr_backbone", "1e-5",
+    ]  # fmt: skip
     if os.path.isfile(checkpoint):
         train_argv += ["--resume", checkpoint]
     train.main(train_argv)
@@ -68,8 +76,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     with open(os.path.join(train_dir, "log.txt")) as f:
         last = [json.loads(line) for line in f][-1]
     stats = last["test_coco_eval_bbox"]
-    print(f"\nSMCA-DETR demo: {last['epoch'] + 1} epochs on the synthetic shapes, {args.device}, "
-          f"{train_minutes:.1f} min of data making and training")
+    print(
+        f"\nSMCA-DETR demo: {last['epoch'] + 1} epochs on the synthetic shapes, {args.device}, "
+        f"{train_minutes:.1f} min of data making and training"
+    )
     print("  ".join(f"{name:>6}" for name in COCO_STAT_NAMES[:6]))
     print("  ".join(f"{value:6.3f}" for value in stats[:6]))
     print(f"log and checkpoint: {train_dir}; pictures: {predictions}")

@@ -4,6 +4,7 @@ torchrun (`torchrun --nproc_per_node N -m smca.train ...`, or with --nnodes and 
 for several machines) starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE.
 Without them everything here is a no-op, so single-process code needs no special case.
 """
+
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List

@@ -4,11 +4,12 @@ Data loaders yield (images (B, 3, H, W), pixel_mask (B, H, W) True = padding, ta
 smca.data.collate_fn builds them. Under DDP every process runs its share; losses are averaged
 over processes and detections gathered on the main process, which computes the COCO metrics.
 """
+
 import contextlib
 import io
 import math
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,46 +79,68 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler] = None,
     progress: bool = True,
 ) -> Dict[str, float]:
-    """Train for one pass over data_loader; returns the epoch means of the logged losses and lr.
+    """Train for one pass over data_loader; returns the epoch means of the logged losses, of the
+    gradient norm (before clipping) and the lr.
 
     criterion(outputs, targets) returns scalar losses with the total under "loss". A
     GradScaler (for amp "fp16") scales the loss and skips steps with non-finite gradients.
-    Raises NonFiniteLossError as soon as the (process-averaged) loss is NaN or infinite,
-    before the optimizer step, so the weights stay those of the last finite step.
+    Without one, raises NonFiniteLossError as soon as the model's outputs, the (process-averaged)
+    loss or the gradients are NaN or infinite, before the optimizer step, so the weights stay
+    those of the last finite step.
     """
     model.train()
     criterion.train()
     sums: Dict[str, float] = defaultdict(float)
     steps = 0
-    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not (progress and is_main_process()), leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        data_loader,
+        desc=f"epoch {epoch}",
+        disable=not (progress and is_main_process()),
+        leave=False,
+        dynamic_ncols=True,
+    )
     for images, pixel_mask, targets in bar:
+        where = f"at epoch {epoch}, iteration {steps}"
         images, pixel_mask, targets = _to_device(images, pixel_mask, targets, device)
         with autocast(device, amp):
             outputs = model(images, pixel_mask)
-        losses = criterion(_to_float32(outputs), targets)
+        outputs = _to_float32(outputs)
+        # The matcher cannot work on NaN; every process must agree to stop, or the others hang.
+        finite = torch.isfinite(outputs["pred_logits"]).all() & torch.isfinite(outputs["pred_boxes"]).all()
+        if all_reduce_mean({"finite": float(finite)}, device)["finite"] < 1:
+            raise NonFiniteLossError(f"the model's outputs are not finite {where}; stopping")
+        losses = criterion(outputs, targets)
         values = _loss_values(losses, device)
         if not math.isfinite(values["loss"]):
             parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise NonFiniteLossError(f"loss is {values['loss']} at epoch {epoch}, iteration {steps}; stopping ({parts})")
+            raise NonFiniteLossError(f"loss is {values['loss']} {where}; stopping ({parts})")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         else:
             losses["loss"].backward()
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        # With max_norm inf this only measures. DDP has averaged the gradients, so every
+        # process sees the same norm.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm if clip_max_norm > 0 else math.inf)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"the gradients are not finite {where} (loss {values['loss']:.4g}); stopping before the update"
+                )
             optimizer.step()
+        values["grad_norm"] = float(grad_norm)
         for k, v in values.items():
             sums[k] += v
         steps += 1
         bar.set_postfix(loss=f"{values['loss']:.3f}")
     if steps == 0:
-        raise ValueError("the training loader yielded no batch: the training set has fewer images than one batch per process")
+        raise ValueError(
+            "the training loader yielded no batch: the training set has fewer images than one batch per process"
+        )
     stats = {k: v / steps for k, v in sums.items()}
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
@@ -186,10 +209,18 @@ def evaluate(
 def format_coco_summary(stats: Sequence[float]) -> str:
     """COCO's standard 12-line box summary, as pycocotools prints it."""
     rows = [
-        (1, "0.50:0.95", "all", 100), (1, "0.50", "all", 100), (1, "0.75", "all", 100),
-        (1, "0.50:0.95", "small", 100), (1, "0.50:0.95", "medium", 100), (1, "0.50:0.95", "large", 100),
-        (0, "0.50:0.95", "all", 1), (0, "0.50:0.95", "all", 10), (0, "0.50:0.95", "all", 100),
-        (0, "0.50:0.95", "small", 100), (0, "0.50:0.95", "medium", 100), (0, "0.50:0.95", "large", 100),
+        (1, "0.50:0.95", "all", 100),
+        (1, "0.50", "all", 100),
+        (1, "0.75", "all", 100),
+        (1, "0.50:0.95", "small", 100),
+        (1, "0.50:0.95", "medium", 100),
+        (1, "0.50:0.95", "large", 100),
+        (0, "0.50:0.95", "all", 1),
+        (0, "0.50:0.95", "all", 10),
+        (0, "0.50:0.95", "all", 100),
+        (0, "0.50:0.95", "small", 100),
+        (0, "0.50:0.95", "medium", 100),
+        (0, "0.50:0.95", "large", 100),
     ]
     lines = []
     for (is_ap, iou, area, max_dets), value in zip(rows, stats):
@@ -198,7 +229,9 @@ def format_coco_summary(stats: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
-def coco_evaluate(coco_gt, detections: List[Dict[str, Any]], image_ids: Sequence[int], backend: str = "auto", verbose: bool = True) -> np.ndarray:
+def coco_evaluate(
+    coco_gt, detections: List[Dict[str, Any]], image_ids: Sequence[int], backend: str = "auto", verbose: bool = True
+) -> np.ndarray:
     """COCO box metrics of `detections` on the images `image_ids`; prints COCO's 12-line summary.
 
     coco_gt: a pycocotools COCO (its `.dataset` dict is read); detections: COCO result dicts

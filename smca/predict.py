@@ -8,6 +8,7 @@ the image's pixels, clipped to the image), PRED/<name>.png (the image with its b
 --attention_queries, PRED/<name>_attention.png: for each chosen query (no values: the four
 highest-scoring ones) its box, Gaussian prior and cross-attention over the image.
 """
+
 import argparse
 import json
 import os
@@ -64,8 +65,13 @@ def _output_names(paths: List[str]) -> List[str]:
 
 
 def predict_files(
-    model, images: List[str], output_dir: str, threshold: float, categories: Dict[int, str],
-    attention_queries: Optional[List[int]] = None, attention_layer: int = -1,
+    model,
+    images: List[str],
+    output_dir: str,
+    threshold: float,
+    categories: Dict[int, str],
+    attention_queries: Optional[List[int]] = None,
+    attention_layer: int = -1,
 ) -> Dict:
     """Run the model on image files and write the JSON, the PNGs and the attention pictures."""
     os.makedirs(output_dir, exist_ok=True)
@@ -82,9 +88,15 @@ def predict_files(
                 height=int(image.shape[1]),
                 width=int(image.shape[2]),
                 detections=[
-                    dict(box_xyxy=[round(v, 2) for v in box], category_id=int(label),
-                         category=categories.get(int(label), str(int(label))), score=round(float(score), 4))
-                    for box, label, score in zip(result["boxes"].tolist(), result["labels"].tolist(), result["scores"].tolist())
+                    dict(
+                        box_xyxy=[round(v, 2) for v in box],
+                        category_id=int(label),
+                        category=categories.get(int(label), str(int(label))),
+                        score=round(float(score), 4),
+                    )
+                    for box, label, score in zip(
+                        result["boxes"].tolist(), result["labels"].tolist(), result["scores"].tolist()
+                    )
                 ],
             )
         )
@@ -109,8 +121,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring above it")
-    p.add_argument("--attention_queries", type=int, nargs="*",
-                   help="also draw these queries' Gaussian prior and attention (no values: the top-scoring ones)")
+    p.add_argument(
+        "--attention_queries",
+        type=int,
+        nargs="*",
+        help="also draw these queries' Gaussian prior and attention (no values: the top-scoring ones)",
+    )
     p.add_argument("--attention_layer", type=int, default=-1, help="decoder layer of the attention picture")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention_backend", help="override the checkpoint's attention backend")
@@ -120,8 +136,15 @@ def main(argv: Optional[List[str]] = None) -> None:
             if not os.path.isfile(path):
                 raise ImageError(f"image {path!r} does not exist")
         model, _, categories = load_model(args.checkpoint, args.device, args.attention_backend)
-        report = predict_files(model, args.images, args.output_dir, args.threshold, categories,
-                               args.attention_queries, args.attention_layer)
+        report = predict_files(
+            model,
+            args.images,
+            args.output_dir,
+            args.threshold,
+            categories,
+            args.attention_queries,
+            args.attention_layer,
+        )
     except (CheckpointError, ImageError) as err:
         p.exit(2, f"{PROG}: error: {err}\n")
     count = sum(len(i["detections"]) for i in report["images"])

@@ -16,6 +16,7 @@ checkpoint exactly. Input errors (missing data, malformed annotations, a checkpo
 model) stop the run before anything in OUTPUT_DIR is written. A non-finite loss stops training
 (exit status 1) and leaves the last checkpoint as it was.
 """
+
 import argparse
 import json
 import os
@@ -39,16 +40,45 @@ PROG = "smca-train"
 ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 # Flags copied into Config when given; flags left out keep the preset's (or Config's) value.
 CONFIG_FLAGS = (
-    "model", "backbone", "backbone_weights", "hidden_dim", "nheads", "num_queries", "enc_layers", "dec_layers",
-    "dim_feedforward", "dropout", "num_classes", "modulation", "attention_backend", "aux_loss", "lr", "lr_backbone",
-    "weight_decay", "epochs", "lr_drop", "batch_size", "clip_max_norm", "seed", "num_workers", "device", "amp",
-    "max_size", "min_sizes", "eval_size", "coco_path", "output_dir", "resume",
+    "model",
+    "backbone",
+    "backbone_weights",
+    "hidden_dim",
+    "nheads",
+    "num_queries",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "dropout",
+    "num_classes",
+    "modulation",
+    "attention_backend",
+    "aux_loss",
+    "lr",
+    "lr_backbone",
+    "weight_decay",
+    "epochs",
+    "lr_drop",
+    "batch_size",
+    "clip_max_norm",
+    "seed",
+    "num_workers",
+    "device",
+    "amp",
+    "max_size",
+    "min_sizes",
+    "eval_size",
+    "coco_path",
+    "output_dir",
+    "resume",
 )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(PROG, description="Train or evaluate SMCA-DETR on a COCO-layout data set.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults (smca.config.PRESETS); flags override them")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="named defaults (smca.config.PRESETS); flags override them"
+    )
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODELS)
     g.add_argument("--backbone", choices=BACKBONES)
@@ -63,7 +93,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_classes", type=int, help="default: the data's largest category id + 1")
     g.add_argument("--modulation", choices=MODULATIONS)
     g.add_argument("--attention_backend", choices=ATTENTION_BACKENDS)
-    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_const", const=False, help="no losses on intermediate decoder layers")
+    g.add_argument(
+        "--no_aux_loss",
+        dest="aux_loss",
+        action="store_const",
+        const=False,
+        help="no losses on intermediate decoder layers",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float)
     g.add_argument("--lr_backbone", type=float)
@@ -85,7 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", help="where to write log.txt and checkpoint.pth (nothing is saved without it)")
     g.add_argument("--resume", help="checkpoint to continue from (with --eval: to evaluate)")
     g.add_argument("--eval", action="store_true", help="only evaluate on val2017 and print COCO's summary")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard")
+    g.add_argument(
+        "--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard"
+    )
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -195,7 +233,9 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         device_ids = [dist_info.local_rank] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    loader_val = build_dataloader(dataset_val, cfg.batch_size, cfg.num_workers, train=False, distributed=dist_info.distributed)
+    loader_val = build_dataloader(
+        dataset_val, cfg.batch_size, cfg.num_workers, train=False, distributed=dist_info.distributed
+    )
     progress = not args.no_progress
     output_dir = cfg.output_dir if cfg.output_dir and main_process else None
 
@@ -212,15 +252,22 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     loader_train = build_dataloader(
         dataset_train, cfg.batch_size, cfg.num_workers, train=True, distributed=dist_info.distributed, seed=cfg.seed
     )
-    optimizer = torch.optim.AdamW(model_without_ddp.param_groups(cfg.lr_backbone), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model_without_ddp.param_groups(cfg.lr_backbone), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     start_epoch = 0
     if state is not None:
-        start_epoch = restore(state, model_without_ddp, optimizer, lr_scheduler, scaler, dist_info.rank, dist_info.world_size)
+        start_epoch = restore(
+            state, model_without_ddp, optimizer, lr_scheduler, scaler, dist_info.rank, dist_info.world_size
+        )
         if dist_info.world_size != len(state["rng"]) and main_process:
-            print(f"{PROG}: note: the checkpoint was written by {len(state['rng'])} processes, this run has "
-                  f"{dist_info.world_size}: random generators start afresh", file=sys.stderr)
+            print(
+                f"{PROG}: note: the checkpoint was written by {len(state['rng'])} processes, this run has "
+                f"{dist_info.world_size}: random generators start afresh",
+                file=sys.stderr,
+            )
     del state
 
     checkpoint_path = os.path.join(cfg.output_dir, "checkpoint.pth") if cfg.output_dir else None
@@ -234,9 +281,13 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         if args.tensorboard:
             tensorboard = _TensorBoard(output_dir)
     if main_process:
-        todo = f"epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else f"all {cfg.epochs} epochs done"
-        print(f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
-              f"{len(dataset_train)} training images, {todo}, device {device}")
+        todo = (
+            f"epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else f"all {cfg.epochs} epochs done"
+        )
+        print(
+            f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
+            f"{len(dataset_train)} training images, {todo}, device {device}"
+        )
 
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -265,16 +316,27 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
                 if tensorboard is not None:
                     tensorboard.log(log, epoch)
                 save_checkpoint(
-                    checkpoint_path, model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                    epoch=epoch, cfg=cfg, scaler=scaler, categories=categories, rng_states=rng_states,
+                    checkpoint_path,
+                    model=model_without_ddp,
+                    optimizer=optimizer,
+                    lr_scheduler=lr_scheduler,
+                    epoch=epoch,
+                    cfg=cfg,
+                    scaler=scaler,
+                    categories=categories,
+                    rng_states=rng_states,
                 )
             if main_process:
-                print(f"epoch {epoch}: loss {train_stats['loss']:.4f}, {_ap_line(test_stats.get('coco_eval_bbox'))}, "
-                      f"{log['epoch_time']:.1f} s")
+                print(
+                    f"epoch {epoch}: loss {train_stats['loss']:.4f}, {_ap_line(test_stats.get('coco_eval_bbox'))}, "
+                    f"{log['epoch_time']:.1f} s"
+                )
             barrier()
     except NonFiniteLossError as err:
         if checkpoint_path and os.path.isfile(checkpoint_path):
-            raise NonFiniteLossError(f"{err}. The last good checkpoint, {checkpoint_path}, is left as it was.") from None
+            raise NonFiniteLossError(
+                f"{err}. The last good checkpoint, {checkpoint_path}, is left as it was."
+            ) from None
         raise NonFiniteLossError(f"{err}. No checkpoint was written.") from None
     finally:
         if tensorboard is not None:

@@ -3,6 +3,7 @@
 Uses matplotlib's object API (matplotlib.figure.Figure), which needs no GUI backend and does
 not touch pyplot's global state.
 """
+
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -22,7 +23,12 @@ def _name(categories: Optional[Dict[int, str]], label: int) -> str:
 
 
 def draw_detections(
-    image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor, categories: Optional[Dict[int, str]] = None, width: int = 2
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    categories: Optional[Dict[int, str]] = None,
+    width: int = 2,
 ) -> Tensor:
     """image (3, H, W) uint8; boxes (K, 4) xyxy in its pixels; labels, scores (K,) -> (3, H, W) uint8
     with each box outlined in its category's colour and captioned "name score"."""
@@ -41,14 +47,22 @@ def feature_map_to_image(values: Tensor, stride: int, resized_size: Sequence[int
     original image. Returns (K, H, W).
     """
     k, hf, wf = values.shape
-    on_input = F.interpolate(values[None].float(), size=(hf * stride, wf * stride), mode="bilinear", align_corners=False)[0]
+    on_input = F.interpolate(
+        values[None].float(), size=(hf * stride, wf * stride), mode="bilinear", align_corners=False
+    )[0]
     h, w = int(resized_size[0]), int(resized_size[1])
     on_image = on_input[:, :h, :w]
-    return F.interpolate(on_image[None], size=tuple(int(s) for s in image_size), mode="bilinear", align_corners=False)[0]
+    return F.interpolate(on_image[None], size=tuple(int(s) for s in image_size), mode="bilinear", align_corners=False)[
+        0
+    ]
 
 
 def plot_attention(
-    image: Tensor, maps: Dict, query_indices: Sequence[int], batch_index: int = 0, categories: Optional[Dict[int, str]] = None
+    image: Tensor,
+    maps: Dict,
+    query_indices: Sequence[int],
+    batch_index: int = 0,
+    categories: Optional[Dict[int, str]] = None,
 ) -> Figure:
     """One row per query: the image with the query's box, its Gaussian prior, its attention.
 

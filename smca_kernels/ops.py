@@ -8,6 +8,7 @@ and autograd registrations) -> the kernel of the chosen backend:
   "triton" smca_kernels.triton (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1);
   "reference" pure PyTorch (smca_kernels.reference), differentiated by autograd, no op.
 """
+import importlib.util
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -20,8 +21,11 @@ try:
     from . import _C  # noqa: F401  (registers the torch.ops.smca schemas and C++ kernels)
 
     _EXTENSION_ERROR = None
+    _CUDA_VERSION = torch.ops.smca._cuda_version()  # 0: built without CUDA
 except ImportError as error:  # a source checkout that has not been built
     _EXTENSION_ERROR = f"smca_kernels._C failed to import ({error}); build it with `make install`"
+    _CUDA_VERSION = 0
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = ["gaussian_coattention", "scale_selective_coattention", "available_backends"]
 
@@ -42,9 +46,7 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
         return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
     if device.type not in ("cpu", "cuda"):
         return f"Triton does not run on {device.type} tensors"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not _HAS_TRITON:
         return "triton is not installed"
     return None
 
@@ -62,7 +64,7 @@ def _unavailable(backend: str, device: torch.device) -> Optional[str]:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the CUDA kernel takes CUDA tensors, got {device.type} tensors"
-        if torch.ops.smca._cuda_version() == 0:
+        if _CUDA_VERSION == 0:
             return "smca_kernels._C was built without CUDA (rebuild with FORCE_CUDA=1)"
     return None
 

@@ -1,4 +1,5 @@
 """The synthetic data set, the COCO loader, DETR's transforms and the collate function."""
+
 import hashlib
 import json
 import math
@@ -33,7 +34,9 @@ def _cfg(root, **kw):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return make_dataset(str(tmp_path_factory.mktemp("shapes")), num_train=6, num_val=3, image_size=IMAGE_SIZE, seed=3, max_objects=5)
+    return make_dataset(
+        str(tmp_path_factory.mktemp("shapes")), num_train=6, num_val=3, image_size=IMAGE_SIZE, seed=3, max_objects=5
+    )
 
 
 def test_generator_is_deterministic(tmp_path, data_root):
@@ -124,7 +127,10 @@ def test_val_sample_targets(data_root):
     assert target["labels"].tolist() == [a["category_id"] for a in anns]
     # Evaluation only resizes, which scales boxes with the image: normalised boxes are unchanged.
     expected = torch.tensor(
-        [[(x + w / 2) / info["width"], (y + h / 2) / info["height"], w / info["width"], h / info["height"]] for x, y, w, h in (a["bbox"] for a in anns)]
+        [
+            [(x + w / 2) / info["width"], (y + h / 2) / info["height"], w / info["width"], h / info["height"]]
+            for x, y, w, h in (a["bbox"] for a in anns)
+        ]
     )
     torch.testing.assert_close(target["boxes"], expected)
     # ImageNet normalisation: roughly zero mean, unit spread.
@@ -143,9 +149,34 @@ def test_train_augmentation_keeps_boxes_valid(data_root):
             assert boxes.shape == (len(target["labels"]), 4)
             assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2:] > 0).all()
             # The box stays inside the image: cx - w/2 >= 0 and cx + w/2 <= 1.
-            assert (boxes[:, :2] - boxes[:, 2:] / 2 >= -1e-6).all() and (boxes[:, :2] + boxes[:, 2:] / 2 <= 1 + 1e-6).all()
+            assert (boxes[:, :2] - boxes[:, 2:] / 2 >= -1e-6).all() and (
+                boxes[:, :2] + boxes[:, 2:] / 2 <= 1 + 1e-6
+            ).all()
             assert max(image.shape[-2:]) <= 100
     assert len(sizes) > 3  # random resizes and crops
+
+
+@pytest.mark.parametrize("image_set", ["train", "val"])
+def test_boxes_at_the_image_edge_survive_the_transforms(image_set):
+    """Resizing to whole pixels must not push an edge-touching box out of the image (and so out
+    of the targets); a box covering the whole image covers every crop and resize of it."""
+    from torchvision import tv_tensors
+
+    from smca.data.transforms import make_transforms
+
+    transforms = make_transforms(image_set, min_sizes=(96, 112, 128, 144), eval_size=128, max_size=192)
+    image = torch.zeros(3, 125, 110, dtype=torch.uint8)
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[0.0, 0.0, 110.0, 125.0], [81.0, 90.0, 110.0, 125.0]]), format="XYXY", canvas_size=(125, 110)
+    )
+    torch.manual_seed(0)
+    for _ in range(40):
+        out, target = transforms(image, {"boxes": boxes, "labels": torch.tensor([1, 2])})
+        height, width = out.shape[-2:]
+        assert target["labels"][0] == 1
+        torch.testing.assert_close(target["boxes"][0], torch.tensor([0.0, 0.0, width, height]))
+        if image_set == "val":
+            assert target["labels"].tolist() == [1, 2]
 
 
 def test_augmentation_is_reproducible(data_root):
@@ -209,7 +240,10 @@ def test_invalid_json_is_a_clear_error(data_root, tmp_path):
         build_dataset("val", _cfg(root))
 
 
-@pytest.mark.parametrize("bbox, message", [([1, 2, -3, 4], "negative width or height"), ([1, 2, 3], "4 numbers"), ([0, 0, math.inf, 1], "non-finite")])
+@pytest.mark.parametrize(
+    "bbox, message",
+    [([1, 2, -3, 4], "negative width or height"), ([1, 2, 3], "4 numbers"), ([0, 0, math.inf, 1], "non-finite")],
+)
 def test_bad_box_is_a_clear_error(data_root, tmp_path, bbox, message):
     root, coco = _copy_layout(data_root, tmp_path)
     coco["annotations"][0]["bbox"] = bbox

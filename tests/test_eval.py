@@ -1,4 +1,5 @@
 """COCO evaluation: ground truth scored as detections gives AP 1.0, with either backend."""
+
 import contextlib
 import copy
 import io
@@ -22,7 +23,9 @@ def _require(backend):
 
 @pytest.fixture(scope="module")
 def val_set(tmp_path_factory):
-    root = make_dataset(str(tmp_path_factory.mktemp("shapes")), num_train=1, num_val=6, image_size=96, seed=7, max_objects=6)
+    root = make_dataset(
+        str(tmp_path_factory.mktemp("shapes")), num_train=1, num_val=6, image_size=96, seed=7, max_objects=6
+    )
     return build_dataset("val", Config(coco_path=root, min_sizes=(96,), eval_size=96, max_size=128))
 
 
@@ -110,7 +113,9 @@ class _Oracle(nn.Module):
         self.answers = []
         for image_id in dataset.ids:
             anns = coco.imgToAnns[image_id]
-            boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
+            boxes = box_convert(
+                torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy"
+            )
             labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
             self.answers.append(dict(scores=torch.ones(len(anns)), labels=labels, boxes=boxes))
 

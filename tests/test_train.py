@@ -1,4 +1,5 @@
 """Training CLI: exact resume after a kill, 2-process DDP (gloo), non-finite loss, bad inputs, predict."""
+
 import hashlib
 import json
 import os
@@ -19,10 +20,46 @@ from smca.data.synthetic import CATEGORIES, make_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--model", "smca", "--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--num_queries", "10",
-    "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--dropout", "0.1", "--lr", "1e-3",
-    "--lr_backbone", "1e-4", "--lr_drop", "1", "--batch_size", "2", "--num_workers", "0", "--device", "cpu",
-    "--min_sizes", "64", "80", "--eval_size", "64", "--max_size", "96", "--seed", "1", "--no_progress",
+    "--model",
+    "smca",
+    "--backbone",
+    "resnet18",
+    "--hidden_dim",
+    "32",
+    "--nheads",
+    "4",
+    "--num_queries",
+    "10",
+    "--enc_layers",
+    "1",
+    "--dec_layers",
+    "2",
+    "--dim_feedforward",
+    "64",
+    "--dropout",
+    "0.1",
+    "--lr",
+    "1e-3",
+    "--lr_backbone",
+    "1e-4",
+    "--lr_drop",
+    "1",
+    "--batch_size",
+    "2",
+    "--num_workers",
+    "0",
+    "--device",
+    "cpu",
+    "--min_sizes",
+    "64",
+    "80",
+    "--eval_size",
+    "64",
+    "--max_size",
+    "96",
+    "--seed",
+    "1",
+    "--no_progress",
 ]
 EPOCHS = 2
 NAMES = {i + 1: name for i, name in enumerate(CATEGORIES)}
@@ -46,7 +83,9 @@ def _log(output_dir):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return make_dataset(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=2, image_size=64, seed=0, max_objects=3)
+    return make_dataset(
+        str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=2, image_size=64, seed=0, max_objects=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +110,60 @@ def test_straight_run_outputs(straight_run, capsys):
     assert not [name for name in os.listdir(straight_run) if ".tmp" in name]
 
 
+def test_eval_only_reproduces_the_logged_ap(straight_run, data_root, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    train.main(
+        TINY
+        + [
+            "--coco_path",
+            data_root,
+            "--resume",
+            os.path.join(straight_run, "checkpoint.pth"),
+            "--eval",
+            "--output_dir",
+            out,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert sum(line.startswith((" Average Precision", " Average Recall")) for line in printed.splitlines()) == 12
+    with open(os.path.join(out, "eval.json")) as f:
+        stats = json.load(f)["test_coco_eval_bbox"]
+    assert stats == _log(straight_run)[-1]["test_coco_eval_bbox"]
+
+
+def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous checkpoint and no temporary file."""
+    from smca import Config
+    from smca.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    path = str(tmp_path / "checkpoint.pth")
+    kwargs = dict(model=model, optimizer=optimizer, lr_scheduler=scheduler, cfg=Config(device="cpu"))
+    save_checkpoint(path, epoch=0, **kwargs)
+    before = _digest(str(tmp_path))
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, epoch=1, **kwargs)
+    assert _digest(str(tmp_path)) == before
+    assert load_checkpoint(path)["epoch"] == 0
+
+
 def test_killed_and_resumed_run_ends_with_the_same_weights(data_root, straight_run, tmp_path):
     """Kill a training process right after its first checkpoint, resume it: the final weights,
     optimizer state and losses equal the straight run's, bit for bit."""
     out = str(tmp_path / "killed")
     checkpoint = os.path.join(out, "checkpoint.pth")
     argv = TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", str(EPOCHS)]
-    proc = subprocess.Popen([sys.executable, "-m", "smca.train"] + argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smca.train"] + argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         while not os.path.exists(checkpoint) and proc.poll() is None:
             time.sleep(0.05)
@@ -167,6 +253,42 @@ def existing_output(straight_run, tmp_path_factory):
     return str(out), _digest(str(out))
 
 
+class _Tiny(torch.nn.Module):
+    """A stand-in detector: one weight, outputs of the model's shapes."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(1.0))
+        self.value = value
+
+    def forward(self, images, pixel_mask):
+        out = self.weight * torch.full((len(images), 3, 4), self.value)
+        return {"pred_logits": out, "pred_boxes": out.sigmoid()}
+
+
+@pytest.mark.parametrize(
+    "value, loss_fn, message",
+    [
+        (0.0, lambda out: torch.sqrt(out["pred_logits"].sum() * 0), "gradients are not finite"),  # d sqrt(0) = inf
+        (float("nan"), lambda out: out["pred_logits"].sum(), "outputs are not finite"),
+    ],
+)
+def test_non_finite_outputs_or_gradients_stop_before_the_update(value, loss_fn, message):
+    from smca.engine import NonFiniteLossError, train_one_epoch
+
+    model = _Tiny(value)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    batch = (torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool), [{}, {}])
+
+    class Criterion(torch.nn.Module):
+        def forward(self, outputs, targets):
+            return {"loss": loss_fn(outputs)}
+
+    with pytest.raises(NonFiniteLossError, match=message):
+        train_one_epoch(model, Criterion(), [batch], optimizer, torch.device("cpu"), epoch=0, progress=False)
+    assert model.weight.item() == 1.0
+
+
 def _write_data(tmp_path, data_root, train_annotations):
     """A data root sharing data_root's images, with the given text as the training annotations."""
     root = tmp_path / "data"
@@ -227,10 +349,27 @@ def test_bad_input_is_a_clear_error_and_touches_no_output(data_root, existing_ou
 def test_predict_writes_json_and_png(straight_run, data_root, tmp_path):
     from smca import predict
 
-    images = [os.path.join(data_root, "val2017", name) for name in sorted(os.listdir(os.path.join(data_root, "val2017")))]
+    images = [
+        os.path.join(data_root, "val2017", name) for name in sorted(os.listdir(os.path.join(data_root, "val2017")))
+    ]
     out = str(tmp_path / "pred")
-    predict.main(["--checkpoint", os.path.join(straight_run, "checkpoint.pth"), "--images", *images,
-                  "--output_dir", out, "--threshold", "0.0", "--attention_queries", "0", "3", "--device", "cpu"])
+    predict.main(
+        [
+            "--checkpoint",
+            os.path.join(straight_run, "checkpoint.pth"),
+            "--images",
+            *images,
+            "--output_dir",
+            out,
+            "--threshold",
+            "0.0",
+            "--attention_queries",
+            "0",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     with open(os.path.join(out, "detections.json")) as f:
         report = json.load(f)
     assert [entry["file"] for entry in report["images"]] == images
@@ -253,7 +392,15 @@ def test_predict_missing_image_is_a_clear_error(straight_run, tmp_path, capsys):
     from smca import predict
 
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--checkpoint", os.path.join(straight_run, "checkpoint.pth"), "--images", str(tmp_path / "nope.png"),
-                      "--output_dir", str(tmp_path / "pred")])
+        predict.main(
+            [
+                "--checkpoint",
+                os.path.join(straight_run, "checkpoint.pth"),
+                "--images",
+                str(tmp_path / "nope.png"),
+                "--output_dir",
+                str(tmp_path / "pred"),
+            ]
+        )
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "pred").exists()

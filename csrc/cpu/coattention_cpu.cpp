@@ -3,18 +3,23 @@
 //
 // Flash-attention style, as ATen's CPU flash attention
 // (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp): tiles of kQueryTile queries x kKeyTile
-// keys, scores of a tile by one GEMM, online softmax, weights x V by a second GEMM, so that no
-// buffer larger than a tile is ever made. On top of plain attention each tile gets the Gaussian
-// log-prior computed from dx = x_j - cx, dy = y_j - cy (not the rank-4 expansion, which cancels
-// large terms), the key padding bias, and dropout. Levels are separate softmaxes: a tile never
-// straddles two levels, and a level's result is mixed into the output with alpha once its
-// softmax is finished.
+// keys, the scores of a tile by one matrix product, online softmax, weights x V by a second, so
+// that no buffer grows past a tile or a head (D x L). On top of plain attention each tile gets
+// the Gaussian log-prior computed from dx = x_j - cx, dy = y_j - cy (not the rank-4 expansion,
+// which cancels large terms), the key padding bias, and dropout. Levels are separate softmaxes:
+// a tile never straddles two levels, and a level's result is mixed into the output with alpha
+// once its softmax is finished.
+//
+// The products take untransposed operands (cpu::matmul, oneDNN's brgemm for float32), so the
+// kernels transpose into scratch what a product needs transposed: K per head in the forward;
+// the K, V tiles, q and g per head, and the dK^T, dV^T tiles back, in the backward. That is
+// O(L D) copies per head against O(Nq L D) flops.
 //
 // Forward: parallel over (batch, head, query tile); each item walks the keys of every level.
 // Backward: parallel over (batch, head), so that one thread owns the dq, dk, dv rows of its
 // head and sums into them in a fixed order: no atomics, results independent of the thread
-// count. Within a head: key tiles outside, query tiles inside (the K/V tile and its dK/dV rows
-// stay in cache), P recomputed from the saved lse.
+// count. Within a head: key tiles outside, query tiles inside (the K/V tile and its dK/dV
+// accumulators stay in cache), P recomputed from the saved lse.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,8 +33,6 @@
 
 namespace smca {
 namespace {
-
-using cpu::gemm;
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 512;
@@ -112,6 +115,10 @@ void forward_kernel(
     std::vector<T> row_max(kQueryTile), row_sum(kQueryTile);
     std::vector<T> acc(kQueryTile * D);                  // unnormalised output of the level
     std::vector<T> mixed(alpha != nullptr ? kQueryTile * D : 0);  // sum_s alpha_s out_s
+    // K of head `key_t_head` transposed. A thread's items are consecutive, so it rebuilds this
+    // about once per head, not once per query tile.
+    std::vector<T> key_t(D * L);  // (D, L)
+    int64_t key_t_head = -1;
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / query_tiles, b = bh / H;
@@ -119,7 +126,10 @@ void forward_kernel(
       const int64_t rows = std::min(kQueryTile, Nq - row0);
       const int64_t first_row = bh * Nq + row0;  // index of the tile's first (b, h, i) row
       const T* q_tile = q + first_row * D;
-      const T* k_head = k + bh * L * D;
+      if (bh != key_t_head) {
+        cpu::transpose(k + bh * L * D, L, D, D, key_t.data(), L);
+        key_t_head = bh;
+      }
       const T* v_head = v + bh * L * D;
       const T* bias = keys.key_bias.data() + b * keys.bias_batch_stride;
       std::fill(mixed.begin(), mixed.end(), T(0));
@@ -146,9 +156,9 @@ void forward_kernel(
         for (int64_t key0 = keys.level_start[s]; key0 < keys.level_start[s + 1];
              key0 += kKeyTile) {
           const int64_t cols = std::min(kKeyTile, keys.level_start[s + 1] - key0);
-          // scores = scale * q_tile k_tile^T
-          gemm<T>(false, true, rows, cols, D, scale, q_tile, D, k_head + key0 * D, D, T(0),
-                  scores.data(), cols);
+          // scores = q_tile k_tile^T
+          cpu::matmul(rows, cols, D, q_tile, D, key_t.data() + key0, L, scores.data(), cols,
+                      false);
           if (dropout) {
             cpu::dropout_factors<T>(keep.data(), rows, cols, seed,
                                     static_cast<uint64_t>(first_row * L + key0),
@@ -156,12 +166,12 @@ void forward_kernel(
                                     keep_scale);
           }
           (dropout ? cpu::softmax_tile_update<T, true> : cpu::softmax_tile_update<T, false>)(
-              scores.data(), keep.data(), rows, cols, keys.key_x.data() + key0,
+              scores.data(), keep.data(), rows, cols, scale, keys.key_x.data() + key0,
               keys.key_y.data() + key0, bias + key0, level_centers, level_precision, 2 * S,
               row_max.data(), row_sum.data(), acc.data(), D);
           // acc += weights v_tile
-          gemm<T>(false, false, rows, D, cols, T(1), scores.data(), cols, v_head + key0 * D, D,
-                  T(1), acc.data(), D);
+          cpu::matmul(rows, D, cols, scores.data(), cols, v_head + key0 * D, D, acc.data(), D,
+                      true);
         }
 
         for (int64_t r = 0; r < rows; ++r) {
@@ -190,7 +200,7 @@ void backward_kernel(
     const T* lse,                        // (B, H, Nq, S)
     const KeyLayout<T>& keys, int64_t B, int64_t H, int64_t Nq, int64_t D, T scale,
     double dropout_p, uint64_t seed,
-    T* grad_q, T* grad_k, T* grad_v,     // like q, k, v; zero on entry
+    T* grad_q, T* grad_k, T* grad_v,     // like q, k, v
     T* grad_centers, T* grad_precision,  // (B, H, Nq, S, 2)
     T* grad_alpha) {                     // (B, H, Nq, S), nullptr without alpha
   const int64_t S = static_cast<int64_t>(keys.level_start.size()) - 1;
@@ -201,9 +211,13 @@ void backward_kernel(
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // Scratch of this thread.
     std::vector<T> scores(kQueryTile * kKeyTile);       // P, then dropout(P), of the tile
-    std::vector<T> grad_scores(kQueryTile * kKeyTile);  // dP, then dS, of the tile
+    std::vector<T> grad_scores(kQueryTile * kKeyTile);  // dP, then scale * dS, of the tile
     std::vector<T> keep(dropout ? kQueryTile * kKeyTile : 0);  // dropout factors of the tile
-    std::vector<T> level_grad(alpha != nullptr ? kQueryTile * D : 0);  // g_s = alpha_s grad_out
+    std::vector<T> key_t(D * kKeyTile), value_t(D * kKeyTile);  // (D, cols) K, V tiles transposed
+    std::vector<T> grad_key_t(D * kKeyTile), grad_value_t(D * kKeyTile);  // (D, cols) dK^T, dV^T
+    std::vector<T> query_t(D * Nq);                     // (D, Nq) the head's q transposed
+    std::vector<T> level_grad(alpha != nullptr ? Nq * D : 0);  // (Nq, D) g_s = alpha_s grad_out
+    std::vector<T> level_grad_t(D * Nq);                // (D, Nq) g_s transposed
     std::vector<T> delta(Nq * S);        // (Nq, S) Delta_is = <g_s,i, out_is>
     std::vector<T> moments(Nq * S * cpu::kNumMoments);  // (Nq, S, kNumMoments) cpu::Moment
 
@@ -217,6 +231,12 @@ void backward_kernel(
       T* grad_k_head = grad_k + bh * L * D;
       T* grad_v_head = grad_v + bh * L * D;
       const T* bias = keys.key_bias.data() + b * keys.bias_batch_stride;
+      // dq sums over tiles, and the dk, dv rows of a fully padded level get nothing: zeroed here
+      // rather than by at::zeros, which would add three parallel regions to wait for.
+      std::fill(grad_q_head, grad_q_head + Nq * D, T(0));
+      std::fill(grad_k_head, grad_k_head + L * D, T(0));
+      std::fill(grad_v_head, grad_v_head + L * D, T(0));
+      cpu::transpose(q_head, Nq, D, D, query_t.data(), Nq);
 
       // dalpha_is = <grad_out_i, out_is>, Delta_is = alpha_is dalpha_is.
       for (int64_t i = 0; i < Nq; ++i) {
@@ -234,27 +254,31 @@ void backward_kernel(
       std::fill(moments.begin(), moments.end(), T(0));
 
       for (int64_t s = 0; s < S; ++s) {
-        if (!keys.level_live[b * S + s]) continue;  // out_s = 0: no gradient from this level
+        // No gradient from a fully padded level (out_s = 0), nor without queries.
+        if (!keys.level_live[b * S + s] || Nq == 0) continue;
+        const T* g = grad_out_head;  // (Nq, D) g_s
+        if (alpha != nullptr) {
+          for (int64_t i = 0; i < Nq; ++i) {
+            const T a = alpha[(bh * Nq + i) * S + s];
+            for (int64_t d = 0; d < D; ++d) level_grad[i * D + d] = a * g[i * D + d];
+          }
+          g = level_grad.data();
+        }
+        cpu::transpose(g, Nq, D, D, level_grad_t.data(), Nq);
+
         for (int64_t key0 = keys.level_start[s]; key0 < keys.level_start[s + 1];
              key0 += kKeyTile) {
           const int64_t cols = std::min(kKeyTile, keys.level_start[s + 1] - key0);
+          cpu::transpose(k_head + key0 * D, cols, D, D, key_t.data(), cols);
+          cpu::transpose(v_head + key0 * D, cols, D, D, value_t.data(), cols);
           for (int64_t row0 = 0; row0 < Nq; row0 += kQueryTile) {
             const int64_t rows = std::min(kQueryTile, Nq - row0);
             const int64_t first_row = bh * Nq + row0;
-            const T* q_tile = q_head + row0 * D;
-            const T* g = grad_out_head + row0 * D;  // (rows, D) g_s of the tile's rows
-            if (alpha != nullptr) {
-              for (int64_t r = 0; r < rows; ++r) {
-                const T a = alpha[(first_row + r) * S + s];
-                for (int64_t d = 0; d < D; ++d) level_grad[r * D + d] = a * g[r * D + d];
-              }
-              g = level_grad.data();
-            }
-            // scores = scale * q_tile k_tile^T;  grad_scores = g v_tile^T
-            gemm<T>(false, true, rows, cols, D, scale, q_tile, D, k_head + key0 * D, D, T(0),
-                    scores.data(), cols);
-            gemm<T>(false, true, rows, cols, D, T(1), g, D, v_head + key0 * D, D, T(0),
-                    grad_scores.data(), cols);
+            // scores = q_tile k_tile^T;  grad_scores = g_tile v_tile^T
+            cpu::matmul(rows, cols, D, q_head + row0 * D, D, key_t.data(), cols, scores.data(),
+                        cols, false);
+            cpu::matmul(rows, cols, D, g + row0 * D, D, value_t.data(), cols,
+                        grad_scores.data(), cols, false);
             if (dropout) {
               cpu::dropout_factors<T>(keep.data(), rows, cols, seed,
                                       static_cast<uint64_t>(first_row * L + key0),
@@ -262,19 +286,23 @@ void backward_kernel(
                                       keep_scale);
             }
             (dropout ? cpu::backward_tile<T, true> : cpu::backward_tile<T, false>)(
-                scores.data(), grad_scores.data(), keep.data(), rows, cols,
+                scores.data(), grad_scores.data(), keep.data(), rows, cols, scale,
                 keys.key_x.data() + key0, keys.key_y.data() + key0, bias + key0,
                 centers + (first_row * S + s) * 2, precision + (first_row * S + s) * 2, 2 * S,
                 lse + first_row * S + s, delta.data() + row0 * S + s, S,
                 moments.data() + (row0 * S + s) * cpu::kNumMoments, S * cpu::kNumMoments);
-            // dv_tile += dropout(P)^T g;  dq_tile += scale dS k_tile;  dk_tile += scale dS^T q_tile
-            gemm<T>(true, false, cols, D, rows, T(1), scores.data(), cols, g, D, T(1),
-                    grad_v_head + key0 * D, D);
-            gemm<T>(false, false, rows, D, cols, scale, grad_scores.data(), cols,
-                    k_head + key0 * D, D, T(1), grad_q_head + row0 * D, D);
-            gemm<T>(true, false, cols, D, rows, scale, grad_scores.data(), cols, q_tile, D, T(1),
-                    grad_k_head + key0 * D, D);
+            // dV^T += g_tile^T dropout(P);  dq_tile += (scale dS) k_tile;
+            // dK^T += q_tile^T (scale dS).  The first query tile starts dK^T and dV^T.
+            cpu::matmul(D, cols, rows, level_grad_t.data() + row0, Nq, scores.data(), cols,
+                        grad_value_t.data(), cols, row0 > 0);
+            cpu::matmul(rows, D, cols, grad_scores.data(), cols, k_head + key0 * D, D,
+                        grad_q_head + row0 * D, D, true);
+            cpu::matmul(D, cols, rows, query_t.data() + row0, Nq, grad_scores.data(), cols,
+                        grad_key_t.data(), cols, row0 > 0);
           }
+          // Every key is in one tile of one level: its dk, dv rows are written once, here.
+          cpu::transpose(grad_key_t.data(), D, cols, cols, grad_k_head + key0 * D, D);
+          cpu::transpose(grad_value_t.data(), D, cols, cols, grad_v_head + key0 * D, D);
         }
       }
 
@@ -330,31 +358,16 @@ coattention_backward_cpu(
                                            key_padding_mask, dropout_p);
   check_cpu_dtype(q, "_coattention_backward");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
-              "grad_out: expected the shape and dtype of q ", q.sizes(), " ", q.dtype(),
-              ", got ", grad_out.sizes(), " ", grad_out.dtype());
-  TORCH_CHECK(out_levels.sizes() == c10::IntArrayRef({B, H, Nq, S, D}) &&
-                  out_levels.scalar_type() == q.scalar_type(),
-              "out_levels: expected shape (B, H, Nq, S, D) = (", B, ", ", H, ", ", Nq, ", ", S,
-              ", ", D, ") and dtype ", q.dtype(), ", got ", out_levels.sizes(), " ",
-              out_levels.dtype());
-  TORCH_CHECK(lse.sizes() == c10::IntArrayRef({B, H, Nq, S}) &&
-                  lse.scalar_type() == q.scalar_type(),
-              "lse: expected shape (B, H, Nq, S) = (", B, ", ", H, ", ", Nq, ", ", S,
-              ") and dtype ", q.dtype(), ", got ", lse.sizes(), " ", lse.dtype());
-  for (const at::Tensor* t : {&grad_out, &out_levels, &lse}) {
-    TORCH_CHECK(t->device() == q.device(), "grad_out, out_levels, lse: expected device ",
-                q.device(), ", got ", t->device());
-  }
+  check_coattention_backward_args(grad_out, q, out_levels, lse, S);
   const at::Tensor grad_out_c = grad_out.contiguous();
   const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous();
   const at::Tensor centers_c = centers.contiguous(), precision_c = precision.contiguous();
   const at::Tensor alpha_c = alpha.has_value() ? alpha->contiguous() : at::Tensor();
   const at::Tensor out_levels_c = out_levels.contiguous(), lse_c = lse.contiguous();
 
-  // dq, dk, dv are sums over tiles; the kernel writes every element of the others.
-  at::Tensor grad_q = at::zeros_like(q_c), grad_k = at::zeros_like(k_c),
-             grad_v = at::zeros_like(v_c);
+  // The kernel writes every element.
+  at::Tensor grad_q = at::empty_like(q_c), grad_k = at::empty_like(k_c),
+             grad_v = at::empty_like(v_c);
   at::Tensor grad_centers = at::empty_like(centers_c),
              grad_precision = at::empty_like(precision_c);
   at::Tensor grad_alpha =

@@ -970,25 +970,7 @@ coattention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const
   const Problem p = make_problem(q, k, v, centers, precision, alpha, spatial_shapes,
                                  key_padding_mask, scale, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out: expected the shape of q ", q.sizes(),
-              ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "grad_out: expected dtype ", q.dtype(),
-              ", got ", grad_out.dtype());
-  TORCH_CHECK(out_levels.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, p.S, p.D}),
-              "out_levels: expected (B, H, Nq, S, D) = (", p.B, ", ", p.H, ", ", p.Nq, ", ", p.S,
-              ", ", p.D, "), got shape ", out_levels.sizes());
-  TORCH_CHECK(out_levels.scalar_type() == q.scalar_type(), "out_levels: expected dtype ",
-              q.dtype(), ", got ", out_levels.dtype());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.H, p.Nq, p.S}),
-              "lse: expected (B, H, Nq, S) = (", p.B, ", ", p.H, ", ", p.Nq, ", ", p.S,
-              "), got shape ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.dtype());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out},
-                                {"out_levels", &out_levels},
-                                {"lse", &lse}}) {
-    TORCH_CHECK(t->device() == q.device(), name, ": expected device ", q.device(), ", got ",
-                t->device());
-  }
+  check_coattention_backward_args(grad_out, q, out_levels, lse, p.S);
   const at::Tensor grad_out_c = grad_out.contiguous();
   const at::Tensor out_levels_c = out_levels.contiguous();
   const at::Tensor lse_c = lse.contiguous();

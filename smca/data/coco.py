@@ -10,6 +10,7 @@ Each sample is (image (3, H, W) float normalised, target) with target
     size (2,) int64 (H, W) after the transforms.
 Crowd annotations are left out (as DETR does) and so are boxes of zero width or height.
 """
+
 import contextlib
 import io
 import math
@@ -42,7 +43,9 @@ def coco_paths(root: str, image_set: str) -> Tuple[str, str]:
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set: expected 'train' or 'val', got {image_set!r}")
     if not root or not os.path.isdir(root):
-        raise DatasetError(f"data directory {root!r} does not exist (expected train2017/, val2017/ and annotations/ inside)")
+        raise DatasetError(
+            f"data directory {root!r} does not exist (expected train2017/, val2017/ and annotations/ inside)"
+        )
     img_folder = os.path.join(root, f"{image_set}2017")
     ann_file = os.path.join(root, "annotations", f"instances_{image_set}2017.json")
     if not os.path.isdir(img_folder):
@@ -101,9 +104,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         width, height = image.size
         annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-        boxes = tv_tensors.BoundingBoxes(
-            box_convert(boxes, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width)
-        )
+        boxes = tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width))
         target = dict(
             boxes=F.clamp_bounding_boxes(boxes),
             labels=torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
@@ -154,10 +155,5 @@ def build_dataloader(
     else:
         sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=train,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=collate_fn, num_workers=num_workers
     )

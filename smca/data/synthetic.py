@@ -18,6 +18,7 @@ the number of covered columns / rows; area is the visible pixel count.
 Everything is drawn from numpy Generators seeded by (seed, split, image index), so the same seed
 gives the same bytes; nothing is downloaded.
 """
+
 import argparse
 import json
 import math
@@ -36,7 +37,9 @@ MAX_OCCLUDED_FRACTION = 0.5  # an earlier shape keeps at least half of its pixel
 MIN_CONTRAST = 60.0  # Euclidean RGB distance between a shape's colour and the background under it
 
 
-def _polygon(points: np.ndarray, center: Tuple[float, float], half_size: Tuple[float, float], rotation: float) -> List[Tuple[float, float]]:
+def _polygon(
+    points: np.ndarray, center: Tuple[float, float], half_size: Tuple[float, float], rotation: float
+) -> List[Tuple[float, float]]:
     """Unit-shape points (n, 2) in [-1, 1]^2 -> image points: scale by half_size, rotate, shift."""
     scaled = points * np.asarray(half_size, dtype=np.float64)
     cos, sin = math.cos(rotation), math.sin(rotation)
@@ -57,15 +60,31 @@ _UNIT_SHAPES = {
     "star": _star_points(),
     # A plus sign whose arms are 0.3 of the half size thick, as one 12-vertex outline.
     "cross": np.array(
-        [[-0.3, -1], [0.3, -1], [0.3, -0.3], [1, -0.3], [1, 0.3], [0.3, 0.3],
-         [0.3, 1], [-0.3, 1], [-0.3, 0.3], [-1, 0.3], [-1, -0.3], [-0.3, -0.3]],
+        [
+            [-0.3, -1],
+            [0.3, -1],
+            [0.3, -0.3],
+            [1, -0.3],
+            [1, 0.3],
+            [0.3, 0.3],
+            [0.3, 1],
+            [-0.3, 1],
+            [-0.3, 0.3],
+            [-1, 0.3],
+            [-1, -0.3],
+            [-0.3, -0.3],
+        ],
         dtype=np.float64,
     ),
 }
 
 
 def shape_mask(
-    category: str, center: Tuple[float, float], half_size: Tuple[float, float], rotation: float, image_size: Tuple[int, int]
+    category: str,
+    center: Tuple[float, float],
+    half_size: Tuple[float, float],
+    rotation: float,
+    image_size: Tuple[int, int],
 ) -> np.ndarray:
     """The pixels a shape covers, drawn hard-edged on an image-sized canvas.
 
@@ -133,7 +152,11 @@ def _shape_colour(rng: np.random.Generator, under: np.ndarray) -> Optional[np.nd
 
 
 def render_scene(
-    rng: np.random.Generator, background: np.ndarray, num_objects: int, min_rel_size: float = 0.08, max_rel_size: float = 0.35
+    rng: np.random.Generator,
+    background: np.ndarray,
+    num_objects: int,
+    min_rel_size: float = 0.08,
+    max_rel_size: float = 0.35,
 ) -> Tuple[np.ndarray, List[Dict]]:
     """Draw up to `num_objects` shapes on `background` (H, W, 3) uint8.
 
@@ -177,7 +200,9 @@ def render_scene(
     return image.astype(np.uint8), objects
 
 
-def _render_split(out: str, split: str, num_images: int, first_id: int, seed: int, image_size: int, max_objects: int) -> Dict:
+def _render_split(
+    out: str, split: str, num_images: int, first_id: int, seed: int, image_size: int, max_objects: int
+) -> Dict:
     folder = os.path.join(out, f"{split}2017")
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
@@ -201,7 +226,9 @@ def _render_split(out: str, split: str, num_images: int, first_id: int, seed: in
     )
 
 
-def make_dataset(out: str, num_train: int = 512, num_val: int = 128, image_size: int = 192, seed: int = 0, max_objects: int = 8) -> str:
+def make_dataset(
+    out: str, num_train: int = 512, num_val: int = 128, image_size: int = 192, seed: int = 0, max_objects: int = 8
+) -> str:
     """Write the data set under `out` (see the module docstring) and return `out`.
 
     Image sides are drawn in [0.75, 1] * image_size; each image has 1..max_objects shapes.
@@ -223,7 +250,9 @@ def make_dataset(out: str, num_train: int = 512, num_val: int = 128, image_size:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Write the built-in synthetic COCO-format detection data set.")
-    parser.add_argument("--out", required=True, help="output directory (COCO layout: train2017/, val2017/, annotations/)")
+    parser.add_argument(
+        "--out", required=True, help="output directory (COCO layout: train2017/, val2017/, annotations/)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_train", type=int, default=512)
     parser.add_argument("--num_val", type=int, default=128)

@@ -12,6 +12,7 @@ sizes for an evaluation size of 800; they are scaled by cfg.eval_size / 800 so t
 All randomness comes from torch's global generator, so a run is reproducible from its seed and
 an exact resume only needs torch's RNG state.
 """
+
 from typing import Any, Dict, List
 
 import torch
@@ -56,10 +57,14 @@ def make_transforms(image_set: str, min_sizes, eval_size: int, max_size: int) ->
 
     min_sizes: shorter sides for training; eval_size: shorter side for evaluation; max_size:
     cap on the longer side. Output: a float normalised tv_tensors.Image and the dict with the
-    boxes (XYXY, absolute) moved along and degenerate ones (with their labels) removed.
+    boxes (XYXY, absolute) moved along, clipped to the image, and empty ones (with their labels)
+    removed.
     """
     scale = eval_size / DETR_EVAL_SIZE
     finish = [
+        # Resizing to a whole number of pixels can leave a box that touches the right or bottom
+        # edge a fraction of a pixel outside the image, and SanitizeBoundingBoxes drops such boxes.
+        v2.ClampBoundingBoxes(clamping_mode="hard"),
         v2.SanitizeBoundingBoxes(min_size=1.0),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
@@ -76,6 +81,4 @@ def make_transforms(image_set: str, min_sizes, eval_size: int, max_size: int) ->
             v2.RandomShortestSize(list(min_sizes), max_size=max_size),
         ]
     )
-    return v2.Compose(
-        [v2.ToImage(), v2.RandomHorizontalFlip(), v2.RandomChoice([resize, resize_crop_resize]), *finish]
-    )
+    return v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(), v2.RandomChoice([resize, resize_crop_resize]), *finish])
