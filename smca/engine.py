@@ -92,6 +92,7 @@ def train_one_epoch(
     criterion.train()
     sums: Dict[str, float] = defaultdict(float)
     steps = 0
+    norms: List[float] = []  # finite gradient norms (a GradScaler skips the steps with others)
     bar = tqdm(
         data_loader,
         desc=f"epoch {epoch}",
@@ -132,7 +133,8 @@ def train_one_epoch(
                     f"the gradients are not finite {where} (loss {values['loss']:.4g}); stopping before the update"
                 )
             optimizer.step()
-        values["grad_norm"] = float(grad_norm)
+        if torch.isfinite(grad_norm):
+            norms.append(float(grad_norm))
         for k, v in values.items():
             sums[k] += v
         steps += 1
@@ -142,6 +144,8 @@ def train_one_epoch(
             "the training loader yielded no batch: the training set has fewer images than one batch per process"
         )
     stats = {k: v / steps for k, v in sums.items()}
+    if norms:
+        stats["grad_norm"] = sum(norms) / len(norms)
     stats["lr"] = optimizer.param_groups[0]["lr"]
     return stats
 

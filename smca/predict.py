@@ -1,7 +1,7 @@
 """Detections on image files with a trained checkpoint.
 
     python -m smca.predict --checkpoint OUT/checkpoint.pth --images a.png b.jpg --output_dir PRED \\
-        [--threshold 0.5] [--attention_queries [Q ...]]
+        [--threshold 0.5] [--max_detections N] [--attention_queries [Q ...]]
 
 writes PRED/detections.json (per image: file, height, width and the detections, boxes xyxy in
 the image's pixels, clipped to the image), PRED/<name>.png (the image with its boxes drawn) and, with
@@ -72,15 +72,20 @@ def predict_files(
     categories: Dict[int, str],
     attention_queries: Optional[List[int]] = None,
     attention_layer: int = -1,
+    max_detections: Optional[int] = None,
 ) -> Dict:
-    """Run the model on image files and write the JSON, the PNGs and the attention pictures."""
+    """Run the model on image files and write the JSON, the PNGs and the attention pictures.
+
+    Keeps the detections scoring above threshold, at most max_detections per image (the best).
+    """
     os.makedirs(output_dir, exist_ok=True)
     device = next(model.parameters()).device
     report = {"threshold": threshold, "images": []}
     for path, name in zip(images, _output_names(images)):
         image = _read_image(path)
         pixels = image.to(device).float() / 255.0
-        result = model.predict([pixels], threshold=threshold)[0]
+        result = model.predict([pixels], threshold=threshold)[0]  # sorted by decreasing score
+        result = {k: v[:max_detections] for k, v in result.items()}
         result["boxes"] = clip_boxes_to_image(result["boxes"], image.shape[-2:])
         report["images"].append(
             dict(
@@ -121,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--images", required=True, nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring above it")
+    p.add_argument("--max_detections", type=int, help="keep at most this many per image (the best)")
     p.add_argument(
         "--attention_queries",
         type=int,
@@ -144,6 +150,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             categories,
             args.attention_queries,
             args.attention_layer,
+            args.max_detections,
         )
     except (CheckpointError, ImageError) as err:
         p.exit(2, f"{PROG}: error: {err}\n")

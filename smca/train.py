@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from smca_kernels.ops import BACKENDS
 
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, restore, rng_state, save_checkpoint
 from .config import AMP_MODES, BACKBONES, MODELS, MODULATIONS, PRESETS, Config
@@ -37,7 +38,6 @@ from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epo
 __all__ = ["get_args_parser", "build_config", "main"]
 
 PROG = "smca-train"
-ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 # Flags copied into Config when given; flags left out keep the preset's (or Config's) value.
 CONFIG_FLAGS = (
     "model",
@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float)
     g.add_argument("--num_classes", type=int, help="default: the data's largest category id + 1")
     g.add_argument("--modulation", choices=MODULATIONS)
-    g.add_argument("--attention_backend", choices=ATTENTION_BACKENDS)
+    g.add_argument("--attention_backend", choices=BACKENDS)
     g.add_argument(
         "--no_aux_loss",
         dest="aux_loss",

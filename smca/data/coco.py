@@ -106,7 +106,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width))
         target = dict(
-            boxes=F.clamp_bounding_boxes(boxes),
+            boxes=F.clamp_bounding_boxes(boxes, clamping_mode="hard"),
             labels=torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
         )
         image, target = self._detr_transforms(F.pil_to_tensor(image), target)
