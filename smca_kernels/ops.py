@@ -268,22 +268,22 @@ def scale_selective_coattention(
 # Kernels of the public ops: route on `backend` to the device kernel
 # ----------------------------------------------------------------------------------------------
 def _device_forward(backend, q, k, v, centers, precision, alpha, shapes, mask, scale, dropout_p, seed):
+    _check_kernel_backend(backend, q.device)
     if backend == "triton":
         from .triton import coattention_forward
 
         return coattention_forward(q, k, v, centers, precision, alpha, list(shapes), mask, scale, dropout_p, seed)
-    _check_kernel_backend(backend, q.device)
     return torch.ops.smca._coattention_forward(q, k, v, centers, precision, alpha, shapes, mask, scale, dropout_p, seed)
 
 
 def _device_backward(backend, grad_out, q, k, v, centers, precision, alpha, out_levels, lse, shapes, mask, scale, dropout_p, seed):
+    _check_kernel_backend(backend, q.device)
     if backend == "triton":
         from .triton import coattention_backward
 
         return coattention_backward(
             grad_out, q, k, v, centers, precision, alpha, out_levels, lse, list(shapes), mask, scale, dropout_p, seed
         )
-    _check_kernel_backend(backend, q.device)
     return torch.ops.smca._coattention_backward(
         grad_out, q, k, v, centers, precision, alpha, out_levels, lse, shapes, mask, scale, dropout_p, seed
     )

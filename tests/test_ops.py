@@ -322,3 +322,12 @@ def test_direct_op_call_is_checked_in_cpp():
         torch.ops.smca._coattention_forward(q, k, k, coords[:, :, :1], coords, None, [2, 3], None, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"alpha: required with 2 levels"):
         torch.ops.smca._coattention_forward(q, k, k, coords.expand(1, 1, 2, 2, 2), coords.expand(1, 1, 2, 2, 2), None, [1, 2, 2, 2], None, 1.0, 0.0, 0)
+
+
+def test_op_called_with_an_unusable_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    args = _op_args(multi=False, requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu tensors: .*TRITON_INTERPRET=1"):
+        torch.ops.smca.gaussian_coattention(*args[:-1], "triton")
+    with pytest.raises(ValueError, match=r"backend: the smca ops take 'cpu', 'cuda' or 'triton', got 'reference'"):
+        torch.ops.smca.gaussian_coattention(*args[:-1], "reference")
