@@ -43,7 +43,7 @@ def build_model(cfg: Config) -> Tuple[SMCADETR, SetCriterion, PostProcess]:
         input_proj = nn.ModuleList([nn.Conv2d(backbone.num_channels[-1], d, kernel_size=1)])
         extra_level = None
 
-    encoder_layer = EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
+    encoder_layer = EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.attention_backend)
     encoder = (MultiScaleEncoder if multi_scale else Encoder)(encoder_layer, cfg.enc_layers)
     decoder_layer = DecoderLayer(
         d,

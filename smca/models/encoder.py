@@ -10,17 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smca_kernels import SMCAAttention
+
 from .utils import split_levels
 
 __all__ = ["EncoderLayer", "Encoder", "MultiScaleEncoder"]
 
 
 class EncoderLayer(nn.Module):
-    """DETR's post-norm encoder layer: self-attention (position added to queries and keys), FFN."""
+    """DETR's post-norm encoder layer: self-attention (position added to queries and keys), FFN.
 
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float) -> None:
+    The self-attention is SMCAAttention without a prior (nn.MultiheadAttention's parameters):
+    its fused kernels keep attention dropout inside the kernel, where SDPA on CPU falls back to
+    materialising the L x L weights whenever dropout is on (3 GB a layer at 4997 tokens).
+    """
+
+    def __init__(
+        self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, backend: str = "auto"
+    ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+        self.self_attn = SMCAAttention(d_model, nheads, dropout=dropout, batch_first=True, backend=backend)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -32,7 +41,7 @@ class EncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor) -> Tensor:
         """src, pos (B, L, d); key_padding_mask (B, L) -> (B, L, d)."""
         q = k = src + pos
-        src2 = self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src2 = self.self_attn(q, k, src, key_padding_mask, spatial_shapes=(1, src.shape[1]))[0]
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout2(src2))
