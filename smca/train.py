@@ -18,6 +18,7 @@ model) stop the run before anything in OUTPUT_DIR is written. A non-finite loss 
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -38,40 +39,6 @@ from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epo
 __all__ = ["get_args_parser", "build_config", "main"]
 
 PROG = "smca-train"
-# Flags copied into Config when given; flags left out keep the preset's (or Config's) value.
-CONFIG_FLAGS = (
-    "model",
-    "backbone",
-    "backbone_weights",
-    "hidden_dim",
-    "nheads",
-    "num_queries",
-    "enc_layers",
-    "dec_layers",
-    "dim_feedforward",
-    "dropout",
-    "num_classes",
-    "modulation",
-    "attention_backend",
-    "aux_loss",
-    "lr",
-    "lr_backbone",
-    "weight_decay",
-    "epochs",
-    "lr_drop",
-    "batch_size",
-    "clip_max_norm",
-    "seed",
-    "num_workers",
-    "device",
-    "amp",
-    "max_size",
-    "min_sizes",
-    "eval_size",
-    "coco_path",
-    "output_dir",
-    "resume",
-)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,10 +98,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> Config:
     """The preset's values, overridden by every flag that was given."""
     values = dict(PRESETS[args.preset]) if args.preset else {}
-    for name in CONFIG_FLAGS:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    values["eval"] = args.eval
+    # Every Config field that has a flag; a flag left out (None) keeps the preset's value.
+    for field in dataclasses.fields(Config):
+        if getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
     return Config(**values)
 
 
