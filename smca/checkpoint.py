@@ -35,6 +35,7 @@ FORMAT = "smca-checkpoint-1"
 ARCHITECTURE_FIELDS = (
     "model",
     "backbone",
+    "backbone_norm",
     "hidden_dim",
     "nheads",
     "num_queries",

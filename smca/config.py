@@ -11,6 +11,7 @@ __all__ = ["Config", "PRESETS"]
 
 MODELS = ("smca", "smca_ms", "detr")
 BACKBONES = ("resnet50", "resnet18")
+BACKBONE_NORMS = ("frozen", "batch")
 MODULATIONS = ("multi_head", "head_shared")
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -30,6 +31,9 @@ class Config:
             (the same code with the Gaussian off).
         backbone: "resnet50" or "resnet18"; backbone_weights: a local state-dict file of the
             torchvision ResNet (no downloads); None starts from random weights.
+        backbone_norm: "frozen" (DETR's fine-tuning: FrozenBatchNorm, stem and layer1 frozen;
+            for pretrained weights) or "batch" (trainable BatchNorm, every layer trains; for
+            random weights, which a frozen norm leaves unbounded).
         modulation: "multi_head" (a centre offset and scale per head) or "head_shared".
         beta: bandwidth of the Gaussian prior; precision = scale / sqrt(beta).
         attention_backend: the smca_kernels backend of every cross-attention.
@@ -46,6 +50,7 @@ class Config:
     model: str = "smca"
     backbone: str = "resnet50"
     backbone_weights: Optional[str] = None
+    backbone_norm: str = "frozen"
     hidden_dim: int = 256
     nheads: int = 8
     num_queries: int = 300
@@ -94,6 +99,7 @@ class Config:
         for name, value, choices in (
             ("model", self.model, MODELS),
             ("backbone", self.backbone, BACKBONES),
+            ("backbone_norm", self.backbone_norm, BACKBONE_NORMS),
             ("modulation", self.modulation, MODULATIONS),
             ("amp", self.amp, AMP_MODES),
         ):
@@ -108,6 +114,8 @@ class Config:
             raise ValueError(
                 f"max_size ({self.max_size}) must exceed eval_size ({self.eval_size}) and every min_sizes entry"
             )
+        if self.lr_backbone <= 0 and self.backbone_norm != "frozen":
+            raise ValueError("lr_backbone <= 0 freezes the backbone, which needs backbone_norm 'frozen'")
         if self.dec_layers < 1 or self.num_queries < 1 or self.num_classes < 1:
             raise ValueError("dec_layers, num_queries and num_classes must be >= 1")
 
@@ -145,16 +153,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dim_feedforward": 256,
         "dropout": 0.0,
         "topk": 100,
-        # The backbone starts from random weights with frozen BatchNorm (an identity), so nothing
-        # bounds its activations: at the transformer's rate they grow ~100x in a few hundred
-        # steps until attention overflows; DETR's backbone rate keeps them in range.
-        "lr": 2e-4,
-        "lr_backbone": 1e-5,
+        # Meant for a backbone pretrained on the data (--backbone_weights; smca.pretrain_backbone
+        # makes one), kept frozen as DETR's lr_backbone 0 does: every step then trains the
+        # transformer, at a rate for its small width.
+        "lr": 1e-3,
+        "lr_backbone": 0.0,
         "batch_size": 8,
-        "epochs": 30,
-        "lr_drop": 25,
-        "max_size": 320,
-        "min_sizes": (192, 224, 256),
-        "eval_size": 256,
+        "epochs": 20,
+        "lr_drop": 16,
+        # The built-in shapes' scale (images of about 128 pixels).
+        "max_size": 192,
+        "min_sizes": (96, 112, 128, 144),
+        "eval_size": 128,
     },
 }

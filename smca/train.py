@@ -31,7 +31,7 @@ import torch
 from smca_kernels.ops import BACKENDS
 
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, restore, rng_state, save_checkpoint
-from .config import AMP_MODES, BACKBONES, MODELS, MODULATIONS, PRESETS, Config
+from .config import AMP_MODES, BACKBONE_NORMS, BACKBONES, MODELS, MODULATIONS, PRESETS, Config
 from .data import DatasetError, build_dataloader, build_dataset
 from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
@@ -50,6 +50,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", choices=MODELS)
     g.add_argument("--backbone", choices=BACKBONES)
     g.add_argument("--backbone_weights", help="local torchvision ResNet state-dict file (no downloads)")
+    g.add_argument(
+        "--backbone_norm",
+        choices=BACKBONE_NORMS,
+        help="frozen: FrozenBatchNorm, stem and layer1 frozen (pretrained weights); batch: all trains (from scratch)",
+    )
     g.add_argument("--hidden_dim", type=int)
     g.add_argument("--nheads", type=int)
     g.add_argument("--num_queries", type=int)
@@ -197,6 +202,10 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     criterion.to(device)
     model_without_ddp = model
     if dist_info.distributed:
+        if cfg.backbone_norm == "batch" and device.type == "cuda":
+            # Trainable BatchNorm should see the whole batch, not each process's share (SyncBatchNorm
+            # runs on GPUs only: CPU processes keep per-process statistics).
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [dist_info.local_rank] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -255,6 +264,12 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
             f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
             f"{len(dataset_train)} training images, {todo}, device {device}"
         )
+        if cfg.lr_backbone <= 0 and cfg.backbone_weights is None and not cfg.resume:
+            print(
+                f"{PROG}: warning: lr_backbone {cfg.lr_backbone} keeps the backbone frozen at random weights; "
+                "give --backbone_weights (smca.pretrain_backbone makes some) or a positive --lr_backbone",
+                file=sys.stderr,
+            )
 
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -270,6 +285,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
                 **{f"train_{k}": v for k, v in train_stats.items()},
                 **{f"test_{k}": v for k, v in test_stats.items()},
                 "epoch": epoch,
+                "step": (epoch + 1) * len(loader_train),  # optimizer steps so far
                 "n_parameters": n_parameters,
                 "epoch_time": time.time() - start,
             }

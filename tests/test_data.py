@@ -111,6 +111,33 @@ def test_occlusion_keeps_boxes_exact():
     assert mask_box(changed) == mask_box(visible_union)
 
 
+def test_colour_by_category_gives_each_category_its_hue():
+    """Every shape is drawn in its category's hue (+-15 degrees), whatever the background."""
+    import colorsys
+
+    from smca.data.synthetic import CATEGORY_HUES
+
+    seen = set()
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        background = np.full((96, 96, 3), 128, dtype=np.uint8)
+        image, objects = render_scene(rng, background, num_objects=4, colour_by_category=True)
+        for obj in objects:
+            x, y, w, h = obj["bbox"]
+            patch = image[y : y + h, x : x + w].reshape(-1, 3).astype(np.float64)
+            drawn = patch[np.abs(patch - 128).sum(axis=1) > 40]  # the shape's pixels, not the grey
+            hue = colorsys.rgb_to_hsv(*(np.median(drawn, axis=0) / 255))[0] * 360
+            distance = abs((hue - CATEGORY_HUES[obj["category_id"] - 1] + 180) % 360 - 180)
+            assert distance <= 15 + 6, (obj, hue)  # shading and grain move the hue a little
+            seen.add(obj["category_id"])
+    assert len(seen) == len(CATEGORIES)
+
+
+def test_bad_relative_sizes_are_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="rel_sizes must satisfy"):
+        make_dataset(str(tmp_path), num_train=1, num_val=1, rel_sizes=(0.4, 0.2))
+
+
 def test_val_sample_targets(data_root):
     dataset = build_dataset("val", _cfg(data_root))
     with open(os.path.join(data_root, "annotations", "instances_val2017.json")) as f:

@@ -99,6 +99,7 @@ def straight_run(data_root, tmp_path_factory):
 def test_straight_run_outputs(straight_run, capsys):
     log = _log(straight_run)
     assert [line["epoch"] for line in log] == list(range(EPOCHS))
+    assert [line["step"] for line in log] == [4 * (e + 1) for e in range(EPOCHS)]  # 8 images, batch 2
     assert all(len(line["test_coco_eval_bbox"]) == 12 for line in log)
     assert log[0]["train_lr"] == 1e-3 and log[1]["train_lr"] == pytest.approx(1e-4)  # lr_drop 1
     state = load_checkpoint(os.path.join(straight_run, "checkpoint.pth"))

@@ -35,6 +35,8 @@ CATEGORIES = ("ellipse", "rectangle", "triangle", "star", "ring", "cross")
 SPLIT_CODES = {"train": 0, "val": 1}
 MAX_OCCLUDED_FRACTION = 0.5  # an earlier shape keeps at least half of its pixels visible
 MIN_CONTRAST = 60.0  # Euclidean RGB distance between a shape's colour and the background under it
+# With colour_by_category, the hue (degrees) each category's colours are drawn around.
+CATEGORY_HUES = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)
 
 
 def _polygon(
@@ -142,10 +144,23 @@ def random_background(rng: np.random.Generator, height: int, width: int) -> np.n
     return np.clip(base + gradient + noise + grain, 0, 255).astype(np.uint8)
 
 
-def _shape_colour(rng: np.random.Generator, under: np.ndarray) -> Optional[np.ndarray]:
-    """A random RGB colour at least MIN_CONTRAST away from `under` (3,), or None after some tries."""
+def _category_colour(rng: np.random.Generator, category_id: int) -> np.ndarray:
+    """RGB (3,) in 0..255 of hue CATEGORY_HUES[category_id - 1] +- 15 degrees, saturation and
+    value in [0.6, 1]."""
+    hue = (CATEGORY_HUES[category_id - 1] + rng.uniform(-15, 15)) % 360 / 60
+    saturation, value = rng.uniform(0.6, 1.0, size=2)
+    # HSV -> RGB: each channel is value minus the part of the chroma its hue distance removes.
+    k = (np.array([5.0, 3.0, 1.0]) + hue) % 6
+    return 255 * value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+def _shape_colour(
+    rng: np.random.Generator, under: np.ndarray, category_id: Optional[int] = None
+) -> Optional[np.ndarray]:
+    """A random RGB colour at least MIN_CONTRAST away from `under` (3,), or None after some tries;
+    of the category's hue when category_id is given."""
     for _ in range(20):
-        colour = rng.uniform(0, 255, size=3)
+        colour = rng.uniform(0, 255, size=3) if category_id is None else _category_colour(rng, category_id)
         if np.linalg.norm(colour - under) >= MIN_CONTRAST:
             return colour
     return None
@@ -157,12 +172,15 @@ def render_scene(
     num_objects: int,
     min_rel_size: float = 0.08,
     max_rel_size: float = 0.35,
+    colour_by_category: bool = False,
 ) -> Tuple[np.ndarray, List[Dict]]:
     """Draw up to `num_objects` shapes on `background` (H, W, 3) uint8.
 
     Half sizes are drawn between min_rel_size and max_rel_size of the shorter image side with
-    an aspect ratio in [0.6, 1.6]. A placement that would hide more than MAX_OCCLUDED_FRACTION
-    of an earlier shape is redrawn (and the shape dropped after 30 tries).
+    an aspect ratio in [0.6, 1.6]. Colours are random, or with colour_by_category drawn around
+    the category's hue (CATEGORY_HUES), so that colour alone tells the category. A placement
+    that would hide more than MAX_OCCLUDED_FRACTION of an earlier shape is redrawn (and the
+    shape dropped after 30 tries).
     Returns the image (H, W, 3) uint8 and, per visible shape in drawing order,
     dict(category_id, bbox [x, y, w, h], area).
     """
@@ -183,7 +201,7 @@ def render_scene(
                 continue
             if any((visible & ~mask).sum() < (1 - MAX_OCCLUDED_FRACTION) * full.sum() for _, full, visible in placed):
                 continue
-            colour = _shape_colour(rng, image[mask].mean(axis=0))
+            colour = _shape_colour(rng, image[mask].mean(axis=0), category_id if colour_by_category else None)
             if colour is None:
                 continue
             # Shading: a soft gradient across the shape and a little grain, so objects are not flat.
@@ -201,7 +219,15 @@ def render_scene(
 
 
 def _render_split(
-    out: str, split: str, num_images: int, first_id: int, seed: int, image_size: int, max_objects: int
+    out: str,
+    split: str,
+    num_images: int,
+    first_id: int,
+    seed: int,
+    image_size: int,
+    max_objects: int,
+    rel_sizes: Tuple[float, float],
+    colour_by_category: bool,
 ) -> Dict:
     folder = os.path.join(out, f"{split}2017")
     os.makedirs(folder, exist_ok=True)
@@ -210,7 +236,9 @@ def _render_split(
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
         height = int(rng.integers(int(0.75 * image_size), image_size + 1))
         width = int(rng.integers(int(0.75 * image_size), image_size + 1))
-        image, objects = render_scene(rng, random_background(rng, height, width), int(rng.integers(1, max_objects + 1)))
+        background = random_background(rng, height, width)
+        num_objects = int(rng.integers(1, max_objects + 1))
+        image, objects = render_scene(rng, background, num_objects, *rel_sizes, colour_by_category)
         image_id = first_id + index
         file_name = f"{image_id:012d}.png"
         Image.fromarray(image).save(os.path.join(folder, file_name))
@@ -227,21 +255,35 @@ def _render_split(
 
 
 def make_dataset(
-    out: str, num_train: int = 512, num_val: int = 128, image_size: int = 192, seed: int = 0, max_objects: int = 8
+    out: str,
+    num_train: int = 512,
+    num_val: int = 128,
+    image_size: int = 192,
+    seed: int = 0,
+    max_objects: int = 8,
+    rel_sizes: Tuple[float, float] = (0.08, 0.35),
+    colour_by_category: bool = False,
 ) -> str:
     """Write the data set under `out` (see the module docstring) and return `out`.
 
-    Image sides are drawn in [0.75, 1] * image_size; each image has 1..max_objects shapes.
+    Image sides are drawn in [0.75, 1] * image_size; each image has 1..max_objects shapes whose
+    half sizes are drawn in rel_sizes (min, max) times the shorter image side. colour_by_category
+    gives each category its own hue: recognising the category becomes easy and what is left to
+    learn is mostly where the objects are (the convergence study's setting).
     Train and val image ids do not overlap (val ids follow the train ids).
     """
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {max_objects}")
+    if not 0 < rel_sizes[0] <= rel_sizes[1] <= 1:
+        raise ValueError(f"rel_sizes must satisfy 0 < min <= max <= 1, got {tuple(rel_sizes)}")
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     first_id = 1
     for split, count in (("train", num_train), ("val", num_val)):
-        coco = _render_split(out, split, count, first_id, seed, image_size, max_objects)
+        coco = _render_split(
+            out, split, count, first_id, seed, image_size, max_objects, tuple(rel_sizes), colour_by_category
+        )
         with open(os.path.join(out, "annotations", f"instances_{split}2017.json"), "w") as f:
             json.dump(coco, f)
         first_id += count
@@ -258,8 +300,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--num_val", type=int, default=128)
     parser.add_argument("--image_size", type=int, default=192, help="longest possible image side in pixels")
     parser.add_argument("--max_objects", type=int, default=8)
+    parser.add_argument("--rel_sizes", type=float, nargs=2, default=(0.08, 0.35), help="half sizes / shorter side")
+    parser.add_argument("--colour_by_category", action="store_true", help="a hue per category")
     args = parser.parse_args(argv)
-    make_dataset(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.max_objects)
+    make_dataset(
+        args.out,
+        args.num_train,
+        args.num_val,
+        args.image_size,
+        args.seed,
+        args.max_objects,
+        tuple(args.rel_sizes),
+        args.colour_by_category,
+    )
     print(f"wrote {args.num_train} train and {args.num_val} val images to {args.out}")
 
 

@@ -33,7 +33,13 @@ def build_model(cfg: Config) -> Tuple[SMCADETR, SetCriterion, PostProcess]:
     """
     multi_scale = cfg.model == "smca_ms"
     d = cfg.hidden_dim
-    backbone = Backbone(cfg.backbone, cfg.backbone_weights, ["layer3", "layer4"] if multi_scale else ["layer4"])
+    backbone = Backbone(
+        cfg.backbone,
+        cfg.backbone_weights,
+        ["layer3", "layer4"] if multi_scale else ["layer4"],
+        cfg.backbone_norm,
+        trainable=cfg.lr_backbone > 0,
+    )
     strides = list(backbone.strides)
     if multi_scale:
         input_proj = nn.ModuleList(_projection(c, d, kernel_size=1) for c in backbone.num_channels)
