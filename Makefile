@@ -4,6 +4,7 @@
 # make demo:    install, then the main job: make the built-in data set, train a small SMCA-DETR,
 #               evaluate, draw predictions (python -m smca.demo).
 # make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results).
+# make convergence: install, then the convergence study, SMCA vs DETR (~30 min on 2 CPU cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ export CUDA_HOME MAX_JOBS USE_CUDA FORCE_CUDA
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench convergence clean
 
 install: $(VENV)/.built-cuda$(FORCE_CUDA)
 
@@ -40,6 +41,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_coattention.py
+
+convergence: install
+	$(PY) benchmarks/convergence.py
 
 clean:
 	rm -rf build *.egg-info smca_kernels/_C*.so $(VENV)/.built-cuda*
