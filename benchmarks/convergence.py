@@ -18,8 +18,9 @@ What it does, each step skipped when its output is already there (so a killed st
     evaluates COCO AP after every epoch;
  4. writes benchmarks/results/convergence.csv (model, seed, step, ap: COCO AP@[.5:.95] in
     0..1 after `step` optimizer steps), a plot of AP against steps (mean over seeds, band from
-    the lowest to the highest seed), and prints each model's final AP and the steps each SMCA
-    model needs to reach the baseline's (detr's) final AP, when the baseline is among --models.
+    the lowest to the highest seed), and prints each model's final AP, the steps each SMCA
+    model needs to reach the baseline's (detr's) final AP when the baseline is among --models,
+    and how much of a confident query's attention falls inside its own box (attention_in_box).
 
 Flags after `--` go to smca.train unchanged, so the study scales to a GPU and to COCO without
 editing this file. On the built-in data they override STUDY_TRAIN_ARGS below; with --coco_path
@@ -79,8 +80,8 @@ def _train_all(
             cmd += ["--num_workers", str(args.num_workers), "--no_progress"]
             cmd += ["--backbone_weights", backbone] if backbone else []
             cmd += [*train_args, "--model", model, "--seed", str(seed)]  # the last of a flag wins
-            if os.path.isfile(os.path.join(out, "checkpoint.pth")):
-                cmd += ["--resume", os.path.join(out, "checkpoint.pth")]
+            if os.path.isfile(_checkpoint(args.work_dir, model, seed)):
+                cmd += ["--resume", _checkpoint(args.work_dir, model, seed)]
             print(f"training {model} seed {seed} -> {out}", flush=True)
             active[(model, seed)] = _run(cmd, os.path.join(out, "stdout.txt"), threads)
         time.sleep(1)
@@ -98,6 +99,10 @@ def _train_all(
 
 def _run_dir(work_dir: str, model: str, seed: int) -> str:
     return os.path.join(work_dir, "runs", f"{model}_seed{seed}")
+
+
+def _checkpoint(work_dir: str, model: str, seed: int) -> str:
+    return os.path.join(_run_dir(work_dir, model, seed), "checkpoint.pth")
 
 
 def read_curves(work_dir: str, runs: Sequence[Tuple[str, int]]) -> List[Dict]:
@@ -135,9 +140,43 @@ def steps_to_reach(steps: Sequence[int], ap: Sequence[float], target: float) -> 
     return next((s for s, a in zip(steps, ap) if a >= target), None)
 
 
-def summarize(rows: Sequence[Dict], baseline: str = BASELINE) -> List[Dict]:
-    """Per model: final AP (mean, per seed), and the steps to reach the baseline's final mean AP
-    (None when never reached or when the baseline was not run)."""
+def attention_in_box(checkpoint: str, image_dir: str, num_images: int = 48, top: int = 5) -> float:
+    """How much a confident query reads its own object: the mean share of its cross-attention
+    (last decoder layer, head-averaged, all levels on the finest grid) that falls on feature
+    cells whose centres lie inside its own predicted box, over the `top` best-scoring queries of
+    the first `num_images` images of image_dir. Attention spread evenly over the image gives
+    about the box's share of the image."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from smca.predict import load_model
+
+    model, _, _ = load_model(checkpoint)
+    queries = range(model.query_embed.num_embeddings)
+    shares = []
+    for name in sorted(os.listdir(image_dir))[:num_images]:
+        image = F.pil_to_tensor(Image.open(os.path.join(image_dir, name)).convert("RGB"))
+        maps = model.attention_maps([image], queries)
+        height, width = maps["image_sizes"][0].tolist()  # the resized image inside the padded input
+        rows, cols = maps["feature_size"]
+        # Cell centres in the original image's pixels.
+        ys = (torch.arange(rows) + 0.5) * maps["stride"] * image.shape[1] / height
+        xs = (torch.arange(cols) + 0.5) * maps["stride"] * image.shape[2] / width
+        for k in maps["scores"][0].topk(top).indices.tolist():
+            x0, y0, x1, y1 = maps["boxes"][0, k].tolist()
+            inside = ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+            attention = maps["attention"][0, k]
+            shares.append(float(attention[inside].sum() / attention.sum()))
+    return sum(shares) / len(shares)
+
+
+def summarize(
+    rows: Sequence[Dict], baseline: str = BASELINE, attention: Optional[Dict[str, float]] = None
+) -> List[Dict]:
+    """Per model: final AP (mean, per seed), the steps to reach the baseline's final mean AP
+    (None when never reached or when the baseline was not run) and, when given, its
+    attention_in_box (model -> value)."""
     curves = mean_curves(rows)
     target = curves[baseline][1][-1] if baseline in curves else None
     summary = []
@@ -152,6 +191,7 @@ def summarize(rows: Sequence[Dict], baseline: str = BASELINE) -> List[Dict]:
                 final_ap_seeds=finals,
                 steps_to_baseline=reach,
                 fraction_of_budget=None if reach is None else reach / steps[-1],
+                attention_in_box=(attention or {}).get(model),
             )
         )
     return summary
@@ -160,15 +200,17 @@ def summarize(rows: Sequence[Dict], baseline: str = BASELINE) -> List[Dict]:
 def format_summary(summary: Sequence[Dict], baseline: str = BASELINE) -> str:
     """A Markdown table of summarize's output."""
     lines = [
-        f"| model | final AP (mean) | per seed | steps to reach {baseline}'s final AP | fraction of the budget |",
-        "| --- | --- | --- | --- | --- |",
+        f"| model | final AP (mean) | per seed | steps to reach {baseline}'s final AP | fraction of the budget "
+        "| attention inside own box |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     ran = any(s["model"] == baseline for s in summary)
     for s in summary:
         reach = "-" if not ran else "never" if s["steps_to_baseline"] is None else str(s["steps_to_baseline"])
         fraction = "" if s["fraction_of_budget"] is None else f"{s['fraction_of_budget']:.2f}"
         seeds = " / ".join(f"{a:.3f}" for a in s["final_ap_seeds"])
-        lines.append(f"| {s['model']} | {s['final_ap']:.3f} | {seeds} | {reach} | {fraction} |")
+        inside = "" if s["attention_in_box"] is None else f"{s['attention_in_box']:.0%}"
+        lines.append(f"| {s['model']} | {s['final_ap']:.3f} | {seeds} | {reach} | {fraction} | {inside} |")
     return "\n".join(lines)
 
 
@@ -244,8 +286,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     data = "built-in shapes" if synthetic else os.path.basename(os.path.normpath(args.coco_path))
     title = f"{data}, seeds {args.seeds}, {args.epochs} epochs, {machine} ({platform.machine()}); band: seeds' min..max"
     plot(rows, os.path.join(args.results, "convergence.png"), title)
-    summary = summarize(rows)
-    print(format_summary(summary))
+    val_images = os.path.join(args.coco_path, "val2017")
+    attention = {
+        model: sum(attention_in_box(_checkpoint(args.work_dir, model, s), val_images) for s in args.seeds)
+        / len(args.seeds)
+        for model in args.models
+    }
+    print(format_summary(summarize(rows, attention=attention)))
     print(f"\n{len(runs)} runs in {(time.time() - start) / 60:.1f} min; CSV and plot in {args.results}")
 
 

@@ -64,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float)
     g.add_argument("--num_classes", type=int, help="default: the data's largest category id + 1")
     g.add_argument("--modulation", choices=MODULATIONS)
+    g.add_argument("--beta", type=float, help="bandwidth of the Gaussian prior: precision = scale / sqrt(beta)")
     g.add_argument("--attention_backend", choices=BACKENDS)
     g.add_argument(
         "--no_aux_loss",

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -117,8 +118,9 @@ def test_summary_mean_over_seeds_and_steps_to_reach_the_baseline():
     assert summary["detr"]["steps_to_baseline"] == 30  # the baseline reaches itself at its last step
     assert summary["smca"]["steps_to_baseline"] == 20 and summary["smca"]["fraction_of_budget"] == pytest.approx(2 / 3)
     assert summary["smca_ms"]["steps_to_baseline"] is None
-    table = study.format_summary(study.summarize(rows))
-    assert "| smca | 0.550 | 0.600 / 0.500 | 20 | 0.67 |" in table and "| smca_ms | 0.200 |" in table
+    table = study.format_summary(study.summarize(rows, attention={"smca": 0.5}))
+    assert "| smca | 0.550 | 0.600 / 0.500 | 20 | 0.67 | 50% |" in table
+    assert "| smca_ms | 0.200 | 0.200 / 0.200 | never |  |  |" in table
 
 
 def test_a_seed_with_fewer_evaluations_only_counts_shared_steps():
@@ -146,6 +148,8 @@ def test_study_end_to_end_writes_csv_plot_and_resumes(tmp_path, capsys):
     assert all(0 <= float(r["ap"]) <= 1 for r in rows)
     assert os.path.getsize(os.path.join(results, "convergence.png")) > 0
     assert "steps to reach detr's final AP" in printed
+    shares = re.findall(r"^\| (smca|detr) \|.* (\d+)% \|$", printed, re.MULTILINE)
+    assert [m for m, _ in shares] == ["smca", "detr"] and all(0 <= int(p) <= 100 for _, p in shares)
     with open(os.path.join(work, "runs", "smca_seed1", "config.json")) as f:
         config = json.load(f)
     # The study's flags (the demo preset, a frozen backbone), then those after "--", then model and seed.

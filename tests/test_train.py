@@ -132,6 +132,16 @@ def test_eval_only_reproduces_the_logged_ap(straight_run, data_root, tmp_path, c
     assert stats == _log(straight_run)[-1]["test_coco_eval_bbox"]
 
 
+def test_flags_override_the_preset():
+    parse = train.get_args_parser().parse_args
+    flags = ["--preset", "demo", "--beta", "2", "--backbone_norm", "batch", "--lr_backbone", "1e-4"]
+    cfg = train.build_config(parse(flags))
+    assert (cfg.beta, cfg.backbone_norm, cfg.lr_backbone, cfg.hidden_dim) == (2.0, "batch", 1e-4, 64)
+    # The demo preset freezes its backbone: a trainable norm needs a backbone rate.
+    with pytest.raises(ValueError, match="lr_backbone <= 0 freezes the backbone"):
+        train.build_config(parse(["--preset", "demo", "--backbone_norm", "batch"]))
+
+
 def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     """A save that fails half-way leaves the previous checkpoint and no temporary file."""
     from smca import Config
