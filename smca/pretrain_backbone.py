@@ -17,11 +17,9 @@ Writes a torchvision ResNet state dict without the classifier (atomically), whic
 
 import argparse
 import os
-import random
 import time
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -31,6 +29,7 @@ from torchvision.ops import box_convert
 from .config import BACKBONES, Config
 from .data import build_dataloader, build_dataset
 from .models.backbone import CHANNELS, STRIDES
+from .train import seed_everything
 
 __all__ = ["cell_labels", "pretrain_backbone", "main"]
 
@@ -101,9 +100,7 @@ def pretrain_backbone(
     fields (training transforms). AdamW at `lr` with a cosine decay to 0 over `steps` steps.
     Returns dict(loss, accuracy) over the last log_every steps (accuracy over labelled cells).
     """
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     dataset = build_dataset("train", cfg)
     num_classes = max(dataset.categories) + 1

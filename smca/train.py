@@ -36,7 +36,7 @@ from .data import DatasetError, build_dataloader, build_dataset
 from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
 
-__all__ = ["get_args_parser", "build_config", "main"]
+__all__ = ["get_args_parser", "build_config", "seed_everything", "main"]
 
 PROG = "smca-train"
 
@@ -111,7 +111,8 @@ def build_config(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (every generator training draws from)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -186,7 +187,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
     main_process = is_main_process()
-    _seed_everything(cfg.seed + dist_info.rank)
+    seed_everything(cfg.seed + dist_info.rank)
 
     # Check every input before anything is written.
     dataset_val = build_dataset("val", cfg)
