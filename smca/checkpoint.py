@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "ARCHITECTURE_FIELDS",
     "rng_state",
+    "save_atomically",
     "save_checkpoint",
     "load_checkpoint",
     "check_compatible",
@@ -78,6 +79,23 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_atomically(obj: Any, path: str) -> None:
+    """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half
+    of one: a temporary file beside it, flushed to disk, then renamed over it."""
+    # Same directory, so os.replace is an atomic rename; the process id keeps writers apart.
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
 def save_checkpoint(
     path: str,
     *,
@@ -106,18 +124,7 @@ def save_checkpoint(
         config=cfg.to_dict(),
         categories=dict(categories or {}),
     )
-    # Same directory, so os.replace is an atomic rename; the process id keeps writers apart.
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    save_atomically(state, path)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -26,6 +26,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from .checkpoint import save_atomically
 from .config import BACKBONES, Config
 from .data import build_dataloader, build_dataset
 from .models.backbone import CHANNELS, STRIDES
@@ -139,8 +140,7 @@ def pretrain_backbone(
                 break
     state = {k: v.detach().cpu() for k, v in model.resnet.state_dict().items() if not k.startswith("fc.")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(state, out + ".tmp")
-    os.replace(out + ".tmp", out)  # a killed run never leaves half a file under the final name
+    save_atomically(state, out)
     return {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]}
 
 
