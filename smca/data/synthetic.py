@@ -20,6 +20,7 @@ gives the same bytes; nothing is downloaded.
 """
 
 import argparse
+import colorsys
 import json
 import math
 import os
@@ -147,11 +148,9 @@ def random_background(rng: np.random.Generator, height: int, width: int) -> np.n
 def _category_colour(rng: np.random.Generator, category_id: int) -> np.ndarray:
     """RGB (3,) in 0..255 of hue CATEGORY_HUES[category_id - 1] +- 15 degrees, saturation and
     value in [0.6, 1]."""
-    hue = (CATEGORY_HUES[category_id - 1] + rng.uniform(-15, 15)) % 360 / 60
+    hue = (CATEGORY_HUES[category_id - 1] + rng.uniform(-15, 15)) % 360 / 360
     saturation, value = rng.uniform(0.6, 1.0, size=2)
-    # HSV -> RGB: each channel is value minus the part of the chroma its hue distance removes.
-    k = (np.array([5.0, 3.0, 1.0]) + hue) % 6
-    return 255 * value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
+    return 255 * np.array(colorsys.hsv_to_rgb(hue, saturation, value))
 
 
 def _shape_colour(
