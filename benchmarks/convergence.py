@@ -38,6 +38,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from smca.config import lr_drop_for
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -76,7 +78,7 @@ def _train_all(
             os.makedirs(out, exist_ok=True)
             cmd = [sys.executable, "-m", "smca.train", "--coco_path", args.coco_path, "--output_dir", out]
             cmd += ["--device", args.device]
-            cmd += ["--epochs", str(args.epochs), "--lr_drop", str(args.lr_drop or max(1, round(0.8 * args.epochs)))]
+            cmd += ["--epochs", str(args.epochs), "--lr_drop", str(args.lr_drop or lr_drop_for(args.epochs))]
             cmd += ["--num_workers", str(args.num_workers), "--no_progress"]
             cmd += ["--backbone_weights", backbone] if backbone else []
             cmd += [*train_args, "--model", model, "--seed", str(seed)]  # the last of a flag wins

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from . import train
-from .config import PRESETS, Config
+from .config import PRESETS, Config, lr_drop_for
 from .data.synthetic import make_dataset
 from .engine import COCO_STAT_NAMES
 from .predict import load_model, predict_files
@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     backbone = shapes_backbone(args.work_dir, data, args.backbone_steps, args.device, args.num_workers, args.seed)
     train_argv = [
         "--preset", "demo", "--coco_path", data, "--backbone_weights", backbone, "--output_dir", train_dir,
-        "--epochs", str(epochs), "--lr_drop", str(max(1, round(0.8 * epochs))), "--device", args.device,
+        "--epochs", str(epochs), "--lr_drop", str(lr_drop_for(epochs)), "--device", args.device,
         "--num_workers", str(args.num_workers), "--seed", str(args.seed),
     ]  # fmt: skip
     if os.path.isfile(checkpoint):

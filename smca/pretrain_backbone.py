@@ -131,7 +131,7 @@ def pretrain_backbone(
             step += 1
             recent = (recent + [dict(loss=loss.item(), accuracy=correct / max(labelled, 1))])[-log_every:]
             if progress and (step % log_every == 0 or step == steps):
-                means = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]}
+                means = _means(recent)
                 print(
                     f"step {step}/{steps}: loss {means['loss']:.3f}, cell accuracy {means['accuracy']:.3f}, "
                     f"{time.time() - start:.0f} s"
@@ -141,7 +141,12 @@ def pretrain_backbone(
     state = {k: v.detach().cpu() for k, v in model.resnet.state_dict().items() if not k.startswith("fc.")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_atomically(state, out)
-    return {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]}
+    return _means(recent)
+
+
+def _means(records: List[Dict[str, float]]) -> Dict[str, float]:
+    """Key-wise mean of a list of dicts with the same keys."""
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
