@@ -76,16 +76,36 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
     return [name for name in order if _unavailable(name, device) is None]
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+# What each fused kernel takes; the reference takes any floating dtype, head dim and level count.
+# Explicitly chosen, a kernel rejects the rest with its own message; "auto" passes it over.
+_KERNEL_LIMITS = {
+    "cpu": dict(dtypes=(torch.float32, torch.float64), head_dims=None, max_levels=None),
+    "triton": dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), head_dims=range(1, 129), max_levels=None),
+    "cuda": dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), head_dims=(16, 32, 64, 128), max_levels=32),
+}
+
+
+def _kernel_takes(backend: str, dtype: torch.dtype, head_dim: int, levels: int) -> bool:
+    limits = _KERNEL_LIMITS[backend]
+    return (dtype in limits["dtypes"]
+            and (limits["head_dims"] is None or head_dim in limits["head_dims"])
+            and (limits["max_levels"] is None or levels <= limits["max_levels"]))
+
+
+def _auto_backend(candidates: Sequence[str], dtype: torch.dtype, head_dim: int, levels: int) -> str:
+    """The first of `candidates` (fastest first) whose kernel takes the input, else the reference
+    (e.g. float64 on a GPU for gradcheck, 16-bit CPU tensors under autocast, head dim 256)."""
+    return next((b for b in candidates if _kernel_takes(b, dtype, head_dim, levels)), "reference")
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, levels: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda":
-            return available_backends(device)[0]
-        # The C++ CPU kernel computes in float32/float64; 16-bit CPU tensors (autocast) take
-        # the reference, which keeps their dtype.
-        cpu_ok = _unavailable("cpu", device) is None and dtype in (torch.float32, torch.float64)
-        return "cpu" if cpu_ok else "reference"
+        # The Triton interpreter is for tests, never a CPU default.
+        candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        usable = [b for b in candidates if _unavailable(b, device) is None]
+        return _auto_backend(usable, dtype, head_dim, levels)
     why = _unavailable(backend, device)
     if why is not None:
         raise RuntimeError(
@@ -199,8 +219,9 @@ def gaussian_coattention(
             gives zeros and zero gradients.
         scale: multiplies q k^T (not logG); default D ** -0.5.
         dropout_p: attention dropout, applied whenever > 0 (pass 0 in eval).
-        backend: "auto" (CUDA: the fastest GPU kernel; CPU: the C++ kernel for float32/float64,
-            the reference for 16-bit), "reference", "cpu", "triton" or "cuda".
+        backend: "auto" (the fastest kernel for the device that takes the input's dtype and
+            head dim: CUDA: Triton, then the CUDA kernel; CPU: the C++ kernel for float32/float64;
+            else the reference), "reference", "cpu", "triton" or "cuda".
     Returns:
         (B, H, Nq, D) in q's dtype. Gradients flow to q, k, v, centers and precision.
     Coordinates are computed in float32 (float64 for float64 q), whatever the dtype of centers.
@@ -208,7 +229,7 @@ def gaussian_coattention(
     shapes = _normalise_shapes([spatial_shape], "spatial_shape")
     coord_dtype = _check_inputs(q, k, v, centers, precision, None, shapes, key_padding_mask, dropout_p, "spatial_shape")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _resolve_backend(backend, q.device, q.dtype)
+    backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], 1)
     if backend == "reference":
         return reference.gaussian_coattention(
             q, k, v, centers, precision, shapes[0], key_padding_mask, scale=scale, dropout_p=dropout_p
@@ -251,7 +272,7 @@ def scale_selective_coattention(
     shapes = _normalise_shapes(spatial_shapes, "spatial_shapes")
     coord_dtype = _check_inputs(q, k, v, centers, precision, alpha, shapes, key_padding_mask, dropout_p, "spatial_shapes")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _resolve_backend(backend, q.device, q.dtype)
+    backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], len(shapes))
     if backend == "reference":
         return reference.scale_selective_coattention(
             q, k, v, centers, precision, alpha, shapes, key_padding_mask, scale=scale, dropout_p=dropout_p

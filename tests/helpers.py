@@ -1,4 +1,5 @@
 """Inputs and comparisons shared by the operator tests."""
+import zlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -9,6 +10,10 @@ import torch
 # ~ -1e3, whose float32 rounding alone moves the softmax by ~1e-5), the reference computed in
 # the same dtype shows it, and a kernel may err by up to twice what the reference errs.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+# Where the tests run the Triton kernels: the GPU when there is one, else CPU tensors through
+# Triton's interpreter (conftest.py switches it on).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def allowed_error(dtype: torch.dtype, reference_error: float) -> float:
@@ -113,3 +118,27 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert torch.isfinite(actual).all(), "non-finite values"
     scale = expected.abs().max().item()
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def check_dropout_against_cpu(op, case: Case, backend: str, device: str, dropout_p: float = 0.4) -> None:
+    """`backend` on `device` in float32 with attention dropout against the C++ CPU kernel in
+    float64 with the same seed, forward and every gradient. All kernels draw the same Philox
+    numbers, so they drop the same weights; the CPU kernel's own float32 error sets the tolerance
+    (allowed_error). The CPU kernel's dropout backward is checked by gradcheck in test_ops.py."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"dropout-{case}".encode()))
+    inputs = make_inputs(case, generator)
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
+
+    def run(name, dtype, where):
+        t = leaves(inputs, dtype, where)
+        torch.manual_seed(5)  # the seed of the dropout mask
+        out = call(op, case, t, name, dropout_p=dropout_p)
+        return out, grads(out, t, grad_out.to(device=where, dtype=dtype))
+
+    exact, exact_g = run("cpu", torch.float64, "cpu")
+    ref, ref_g = run("cpu", torch.float32, "cpu")
+    actual, actual_g = run(backend, torch.float32, device)
+    assert relative_error(actual, exact) <= allowed_error(torch.float32, relative_error(ref, exact)), "output"
+    for name, value in exact_g.items():
+        allowed = allowed_error(torch.float32, relative_error(ref_g[name], value))
+        assert relative_error(actual_g[name], value) <= allowed, f"grad of {name}"

@@ -1,8 +1,9 @@
 """The operators: every kernel against the reference, forward and every gradient, plus dropout,
 registration (opcheck, torch.compile) and bad input.
 
-The C++ CPU kernel runs always; the Triton kernels run on CPU tensors through the interpreter
-(small shapes: it is slow); the GPU cases are in test_gpu.py.
+The C++ CPU kernel runs always; the Triton kernels run on the GPU when there is one, else on CPU
+tensors through the interpreter (small shapes: it is slow); the SPEC-sized GPU cases are in
+test_gpu.py.
 """
 import zlib
 
@@ -10,7 +11,12 @@ import pytest
 import torch
 
 import smca_kernels as sk
-from helpers import TOLERANCE, Case, allowed_error, call, grads, leaves, make_inputs, relative_error
+from smca_kernels.triton import backward as triton_backward
+from smca_kernels.triton import forward as triton_forward
+from helpers import (
+    TOLERANCE, TRITON_DEVICE, Case, allowed_error, call, check_dropout_against_cpu, grads, leaves,
+    make_inputs, relative_error,
+)
 
 CPU_CASES = [
     Case(B=1, H=1, Nq=1, D=8, shapes=[(1, 1)]),
@@ -48,7 +54,7 @@ def test_matches_reference(backend, case, dtype):
     ref = call(sk, case, ref_t, "reference")
     ref_g = grads(ref, ref_t, grad_out.to(dtype))
 
-    actual_t = leaves(inputs, dtype, "cpu")
+    actual_t = leaves(inputs, dtype, TRITON_DEVICE if backend == "triton" else "cpu")
     actual = call(sk, case, actual_t, backend)
     assert actual.dtype == dtype and actual.shape == exact.shape
     assert relative_error(actual, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
@@ -64,33 +70,68 @@ def test_matches_reference(backend, case, dtype):
             assert actual_g[name][1].abs().max() == 0, name
 
 
-@pytest.mark.parametrize("multi", [False, True])
-def test_triton_split_keys(multi):
-    """The key axis split over programs (num_splits > 1, the GPU path for few queries) against
-    the reference, forward and every gradient of the device kernels."""
+def _check_triton_kernels(case: Case, num_splits: int, seed: int) -> None:
+    """The Triton device kernels called directly with `num_splits` against the float64 reference,
+    forward and every gradient, on TRITON_DEVICE in float32."""
     from smca_kernels.triton import coattention_backward, coattention_forward
 
-    case = Case(Nq=9, D=16, shapes=[(5, 7), (3, 4), (1, 1)] if multi else [(6, 7)], multi=multi, mask="empty_level" if multi else "random")
-    generator = torch.Generator().manual_seed(7)
+    generator = torch.Generator().manual_seed(seed)
     inputs = make_inputs(case, generator)
-    S, flat = len(case.shapes), [n for shape in case.shapes for n in shape]
+    multi, S = case.multi, len(case.shapes)
+    flat = [n for shape in case.shapes for n in shape]
     exact_t = leaves(inputs, torch.float64, "cpu")
     exact = call(sk, case, exact_t, "reference")
     grad_out = torch.randn(exact.shape, dtype=torch.float64, generator=generator)
     exact_g = grads(exact, exact_t, grad_out)
 
-    t = {n: (None if x is None else x.detach()) for n, x in leaves(inputs, torch.float32, "cpu").items()}
+    t = {n: (None if x is None else x.detach()) for n, x in leaves(inputs, torch.float32, TRITON_DEVICE).items()}
     coords = [t[n] if multi else t[n].unsqueeze(3) for n in ("centers", "precision")]
     args = (t["q"], t["k"], t["v"], *coords, t.get("alpha"))
-    out, out_levels, lse = coattention_forward(*args, flat, t["mask"], case.D**-0.5, 0.0, 0, num_splits=3)
-    assert relative_error(out, exact) <= TOLERANCE[torch.float32]
+    out, out_levels, lse = coattention_forward(*args, flat, t["mask"], case.D**-0.5, 0.0, 0, num_splits=num_splits)
+    assert relative_error(out, exact) <= TOLERANCE[torch.float32], "output"
+    assert lse.shape == (case.B, case.H, case.Nq, S)
     saved = out_levels if multi else out.unsqueeze(3)
-    g = coattention_backward(grad_out.float(), *args, saved, lse, flat, t["mask"], case.D**-0.5, 0.0, 0, num_splits=3)
+    g = coattention_backward(grad_out.float().to(TRITON_DEVICE), *args, saved, lse, flat, t["mask"],
+                             case.D**-0.5, 0.0, 0, num_splits=num_splits)
     for name, value in zip(("q", "k", "v", "centers", "precision", "alpha"), g):
         if name in exact_g:
             value = value if multi or name not in ("centers", "precision") else value.squeeze(3)
-            assert relative_error(value, exact_g[name]) <= TOLERANCE[torch.float32], name
-    assert lse.shape == (case.B, case.H, case.Nq, S)
+            assert relative_error(value, exact_g[name]) <= TOLERANCE[torch.float32], f"grad of {name}"
+
+
+def _split_case(multi: bool) -> Case:
+    if multi:
+        return Case(Nq=9, D=16, shapes=[(5, 7), (3, 4), (1, 1)], multi=True, mask="empty_level")
+    return Case(Nq=9, D=16, shapes=[(6, 7)], mask="random")
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_triton_split_keys(multi):
+    """The key axis split over programs (num_splits > 1, the GPU path for few queries) against
+    the reference, forward and every gradient of the device kernels."""
+    _check_triton_kernels(_split_case(multi), num_splits=3, seed=7)
+
+
+@pytest.mark.parametrize("index", range(max(len(triton_forward.FORWARD_TILES), len(triton_backward.DKDV_TILES),
+                                            len(triton_backward.DQ_TILES))))
+def test_triton_every_tuning_config(index, monkeypatch):
+    """On a GPU the autotuner may pick any of its tile configurations for a shape, so each must be
+    right: config `index` of every kernel (modulo its count) is forced, the multi-level case runs
+    with one and with two key splits. Under the interpreter this checks the GPU tile sizes' masking
+    (the interpreter ignores warps and stages)."""
+    import triton
+    from smca_kernels.triton._common import config
+
+    for kernel, tiles in ((triton_forward._forward_kernel, triton_forward.FORWARD_TILES),
+                          (triton_backward._dkdv_kernel, triton_backward.DKDV_TILES),
+                          (triton_backward._dq_kernel, triton_backward.DQ_TILES)):
+        monkeypatch.setattr(kernel, "configs", [config(tiles[index % len(tiles)])])
+    try:
+        _check_triton_kernels(_split_case(multi=False), num_splits=1, seed=8)
+        for num_splits in (1, 2):
+            _check_triton_kernels(_split_case(multi=True), num_splits=num_splits, seed=9)
+    except triton.runtime.errors.OutOfResources as error:  # the autotuner would skip it too
+        pytest.skip(f"config {index} does not fit this GPU: {error}")
 
 
 def _cpu_gradcheck(fn, inputs):
@@ -131,9 +172,10 @@ def _dropped_weights(backend, dropout_p, B=2, H=2, Nq=16, shape=(4, 8)):
     """With q = k = 0 and no prior every weight is 1/L; v = I (D = L) makes out the dropped
     weight matrix itself, (B, H, Nq, L)."""
     L = shape[0] * shape[1]
-    q = torch.zeros(B, H, Nq, L)
-    eye = torch.eye(L).expand(B, H, L, L)
-    coords = torch.zeros(B, H, Nq, 2)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q = torch.zeros(B, H, Nq, L, device=device)
+    eye = torch.eye(L, device=device).expand(B, H, L, L)
+    coords = torch.zeros(B, H, Nq, 2, device=device)
     return sk.gaussian_coattention(q, q.new_zeros(B, H, L, L), eye, coords, coords, shape, dropout_p=dropout_p, backend=backend), L
 
 
@@ -160,23 +202,14 @@ def test_dropout_zero_is_no_dropout():
     torch.testing.assert_close(tiny, call(sk, case, t, "cpu", dropout_p=0.0), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("multi", [False, True])
-def test_triton_dropout_matches_cpu(multi):
-    """Both backends draw the same Philox numbers, so for one seed they drop the same weights;
-    the CPU backward is checked against finite differences by gradcheck above."""
+def test_dropout_matches_cpu(backend, multi):
+    """The device kernels drop the weights that the C++ CPU kernel drops for the same seed."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     case = Case(Nq=7, D=16, shapes=[(3, 4), (2, 3)] if multi else [(3, 5)], multi=multi, mask="random")
-    inputs = make_inputs(case, torch.Generator().manual_seed(3))
-    results = {}
-    for backend in ("cpu", "triton"):
-        t = leaves(inputs, torch.float32, "cpu")
-        torch.manual_seed(5)
-        out = call(sk, case, t, backend, dropout_p=0.4)
-        results[backend] = (out, grads(out, t, torch.ones_like(out)))
-    out_cpu, g_cpu = results["cpu"]
-    out_triton, g_triton = results["triton"]
-    assert relative_error(out_triton, out_cpu) <= TOLERANCE[torch.float32]
-    for name in g_cpu:
-        assert relative_error(g_triton[name], g_cpu[name]) <= TOLERANCE[torch.float32], name
+    check_dropout_against_cpu(sk, case, backend, TRITON_DEVICE if backend == "triton" else "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,9 +272,25 @@ def test_extension_carries_cuda_when_built_with_it():
     assert "cuda" in sk.available_backends("cuda") or not torch.cuda.is_available()
 
 
+def test_auto_picks_a_kernel_that_takes_the_input():
+    from smca_kernels.ops import _auto_backend
+
+    gpu = ["triton", "cuda"]
+    assert _auto_backend(gpu, torch.bfloat16, 32, 3) == "triton"
+    assert _auto_backend(gpu, torch.float32, 24, 1) == "triton"
+    assert _auto_backend(["cuda"], torch.float16, 64, 3) == "cuda"
+    assert _auto_backend(gpu, torch.float64, 32, 1) == "reference"  # gradcheck on a GPU
+    assert _auto_backend(gpu, torch.float32, 256, 1) == "reference"
+    assert _auto_backend(["cuda"], torch.float32, 24, 1) == "reference"
+    assert _auto_backend(["cuda"], torch.float32, 32, 33) == "reference"
+    assert _auto_backend(["cpu"], torch.bfloat16, 32, 1) == "reference"  # CPU autocast
+    assert _auto_backend(["cpu"], torch.float64, 300, 40) == "cpu"
+
+
 def test_backends_listed():
     assert sk.available_backends("cpu")[:1] == ["cpu"]
-    assert "triton" in sk.available_backends("cpu")  # the interpreter is on in the tests
+    # Without a GPU the tests switch the interpreter on, which lets Triton take CPU tensors.
+    assert ("triton" in sk.available_backends("cpu")) == (TRITON_DEVICE == "cpu")
     assert "reference" in sk.available_backends("cpu")
 
 
@@ -325,7 +374,7 @@ def test_direct_op_call_is_checked_in_cpp():
 
 
 def test_op_called_with_an_unusable_backend(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = _op_args(multi=False, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu tensors: .*TRITON_INTERPRET=1"):
         torch.ops.smca.gaussian_coattention(*args[:-1], "triton")

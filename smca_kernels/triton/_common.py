@@ -34,13 +34,15 @@ MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 16
 
 
-def configs(cuda_configs: Sequence[tuple], interpret_config: tuple) -> List[triton.Config]:
-    """Autotuning candidates from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    chosen = [interpret_config] if INTERPRET else cuda_configs
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in chosen
-    ]
+def config(tile: Tuple[int, int, int, int]) -> triton.Config:
+    """The launch configuration of a (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple."""
+    m, n, w, s = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def configs(cuda_tiles: Sequence[tuple], interpret_tile: tuple) -> List[triton.Config]:
+    """Autotuning candidates: the GPU tiles, or the one small tile under the interpreter."""
+    return [config(tile) for tile in ([interpret_tile] if INTERPRET else cuda_tiles)]
 
 
 @triton.jit

@@ -26,16 +26,12 @@ from ._common import (
     level_sizes, level_table, load_gaussian, log_prior, mask_arg, valid_keys,
 )
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_DKDV_CONFIGS = configs(
-    [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
-     (16, 64, 4, 3)],
-    interpret_config=(16, 16, 4, 1),
-)
-_DQ_CONFIGS = configs(
-    [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
-    interpret_config=(16, 16, 4, 1),
-)
+# Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
+DKDV_TILES = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
+              (16, 64, 4, 3)]
+DQ_TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+_DKDV_CONFIGS = configs(DKDV_TILES, interpret_tile=(16, 16, 4, 1))
+_DQ_CONFIGS = configs(DQ_TILES, interpret_tile=(16, 16, 4, 1))
 _PREPROCESS_BLOCK_R = 64
 
 

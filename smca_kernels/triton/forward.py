@@ -20,12 +20,10 @@ from ._common import (
     dropout_keep, level_sizes, level_table, load_gaussian, log_prior, mask_arg, valid_keys,
 )
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_FORWARD_CONFIGS = configs(
-    [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
-     (128, 64, 8, 3), (128, 128, 8, 2)],
-    interpret_config=(16, 16, 4, 1),
-)
+# Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
+FORWARD_TILES = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
+                 (128, 64, 8, 3), (128, 128, 8, 2)]
+_FORWARD_CONFIGS = configs(FORWARD_TILES, interpret_tile=(16, 16, 4, 1))
 _COMBINE_BLOCK_M = 16
 
 
