@@ -1,8 +1,11 @@
-"""The GPU kernels (C++/CUDA and Triton) against the reference at the SPEC section 4 shapes.
+"""The GPU kernels (C++/CUDA and Triton) against the reference at the SPEC section 4 shapes, with
+and without splits of the key axis; their attention dropout against the C++ CPU kernel's; what
+backend="auto" does with inputs they do not take.
 
 A kernel's error against the float64 reference must be at most twice the error of the reference
 itself computed in the kernel's dtype (and fp32 within 1e-5 relative in any case: see
-helpers.allowed_error). Skipped without a GPU.
+helpers.allowed_error). The small odd cases and every Triton autotuning config are in
+test_ops.py, which runs them on the GPU too. Skipped without a GPU; `bash .ci/gpu` runs them.
 """
 import zlib
 
@@ -22,6 +25,9 @@ CASES = [
     Case(B=2, H=8, Nq=300, D=64, shapes=[(25, 38)], mask="empty_batch", layout="strided"),
     Case(B=1, H=2, Nq=1, D=16, shapes=[(1, 1)]),
     Case(B=2, H=2, Nq=7, D=128, shapes=[(3, 5), (2, 2)], multi=True, outside=True),
+    # Few query tiles: both kernels split the keys many ways. Batch 8: enough blocks, no split.
+    Case(B=1, H=2, Nq=20, D=32, shapes=[(25, 38), (13, 19)], multi=True, mask="random"),
+    Case(B=8, H=8, Nq=300, D=32, shapes=[(25, 38)], mask="random"),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -56,7 +62,7 @@ def test_gpu_matches_reference(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("case", CASES[:2], ids=str)
+@pytest.mark.parametrize("case", CASES[:2] + CASES[5:6], ids=str)
 def test_gpu_dropout_matches_cpu(backend, case):
     """Attention dropout at the SPEC shapes (key splits included): the same mask as the C++ CPU
     kernel for one seed, forward and every gradient."""
