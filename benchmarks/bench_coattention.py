@@ -492,6 +492,19 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def print_triton_choices() -> None:
+    """The tile configuration Triton's autotuner chose for each kernel and tuning key, so that a
+    GPU run shows which of the candidates matter (keys: size buckets, flags, dtypes)."""
+    from smca_kernels.triton import backward, forward
+
+    print("Triton autotuning choices (BLOCK_M, BLOCK_N, warps, stages):")
+    for name, kernel in (("forward", forward._forward_kernel), ("dkdv", backward._dkdv_kernel),
+                         ("dq", backward._dq_kernel)):
+        for key, config in kernel.cache.items():
+            tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+            print(f"  {name:8s} {tile}  key {key}")
+
+
 def write_csv(path: Path, rows: List[dict], meta: dict) -> None:
     keys = list(meta) + [key for key, _, _ in COLUMNS]
     with open(path, "w", newline="") as f:
@@ -630,6 +643,8 @@ def main(argv=None) -> None:
             rows += case_rows
         del ref
 
+    if device.type == "cuda" and "smca-triton" in providers:
+        print_triton_choices()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"coattention_{device.type}_{args.dtype}{'_quick' if args.quick else ''}"
     write_csv(stem.with_suffix(".csv"), rows, meta)
