@@ -3,8 +3,7 @@ and without splits of the key axis; their attention dropout against the C++ CPU 
 backend="auto" does with inputs they do not take.
 
 A kernel's error against the float64 reference must be at most twice the error of the reference
-itself computed in the kernel's dtype (and fp32 within 1e-5 relative in any case: see
-helpers.allowed_error). The small odd cases and every Triton autotuning config are in
+itself computed in the kernel's dtype, with 1e-5 relative as the floor (helpers.TOLERANCE). The small odd cases and every Triton autotuning config are in
 test_ops.py, which runs them on the GPU too. Skipped without a GPU; `bash .ci/gpu` runs them.
 """
 import zlib
