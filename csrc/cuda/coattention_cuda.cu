@@ -51,6 +51,9 @@ constexpr int kThreads = kGrid * kGrid;    // threads of every tile kernel
 constexpr int kElementwiseThreads = 256;   // threads of the combine / reduce / preprocess kernels
 constexpr int kMaxLevels = 32;             // levels carried by value in the kernel arguments
 constexpr int kMaxSplits = 16;
+// Per-row, per-level sums of the dQ pass, in the order of csrc/cpu/tile_ops.h's Moment:
+// sum_j dS_j w_j (w = dx, dx^2, dy, dy^2), sum_j dS_j, sum_j P_j w_j (see backward_dq_reduce).
+constexpr int kMoments = 9;
 
 // Tile sizes per head dim. Shared memory per block stays under 99 KB (the limit of sm_86/89),
 // hence the smaller tiles for the larger head dims.
@@ -388,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
     const float* __restrict__ delta,           // (B*H, Nq, S)
     const bool* __restrict__ key_padding_mask, // (B, L), nullptr when absent
     float* __restrict__ dq_part,               // (splits, B*H*Nq, D) scale * sum_j dS_ij k_j
-    float* __restrict__ rowsum_part,           // (splits, B*H*Nq, S, 4) sum_j dS_ij (dx, dx^2, dy, dy^2)
+    float* __restrict__ rowsum_part,           // (splits, B*H*Nq, S, kMoments)
     const LevelTable levels, const int H, const int Nq, const int L, const int num_q_tiles,
     const float scale, const float dropout_p, const uint64_t seed) {
   constexpr int RM = BM / kGrid, RN = BN / kGrid, RD = D / kGrid, LD = D + 1, LP = BN + 1;
@@ -417,7 +420,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
 
   float dq[RM][RD] = {};
   for (int s = 0; s < S; ++s) {
-    float cx[RM], cy[RM], px[RM], py[RM], alpha_s[RM], lse_s[RM], delta_s[RM], sums[RM][4];
+    float cx[RM], cy[RM], px[RM], py[RM], alpha_s[RM], lse_s[RM], delta_s[RM], sums[RM][kMoments];
     bool row_ok[RM];
 #pragma unroll
     for (int a = 0; a < RM; ++a) {
@@ -432,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
       lse_s[a] = row_ok[a] ? lse[rs] : INFINITY;
       delta_s[a] = row_ok[a] ? delta[rs] : 0.f;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) sums[a][c] = 0.f;
+      for (int c = 0; c < kMoments; ++c) sums[a][c] = 0.f;
     }
     const int level_first = levels.tile_begin[s];
     const int t_begin = max(split_begin, level_first);
@@ -493,6 +496,11 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
             sums[a][1] += ds * dx * dx;
             sums[a][2] += ds * dy;
             sums[a][3] += ds * dy * dy;
+            sums[a][4] += ds;
+            sums[a][5] += p * dx;
+            sums[a][6] += p * dx * dx;
+            sums[a][7] += p * dy;
+            sums[a][8] += p * dy * dy;
           }
           ds_tile[(ty + kGrid * a) * LP + tx + kGrid * n] = ds;
         }
@@ -516,13 +524,13 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
 
 #pragma unroll
     for (int a = 0; a < RM; ++a) {
-      float total[4];
+      float total[kMoments];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) total[c] = row_sum(sums[a][c]);
+      for (int c = 0; c < kMoments; ++c) total[c] = row_sum(sums[a][c]);
       if (row_ok[a] && tx == 0) {
         const int64_t part = (split * num_rows + static_cast<int64_t>(bh) * Nq + q0 + ty + kGrid * a) * S + s;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) rowsum_part[part * 4 + c] = total[c];
+        for (int c = 0; c < kMoments; ++c) rowsum_part[part * kMoments + c] = total[c];
       }
     }
   }
@@ -540,10 +548,14 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
 // One thread per (row, d): sums dq over the splits; the thread with d == 0 also forms the
 // centre and precision gradients of the row:
 //   dcx = 2 px^2 sum_j dS_ij dx_ij,  dpx = -2 px sum_j dS_ij dx_ij^2  (the same for y).
+// A row of dS sums to zero, but Delta comes from the rounded output, so the computed row sums
+// to e = sum_j dS_ij and carries an extra e P_ij, which dx^2 (the map size squared, more for a
+// centre outside it) would amplify; as in the CPU kernel it is taken out:
+//   sum_j dS_ij w_j -> sum_j dS_ij w_j - e sum_j P_ij w_j.
 template <typename scalar_t>
 __global__ void backward_dq_reduce_kernel(
     const float* __restrict__ dq_part,      // (splits, num_rows, D)
-    const float* __restrict__ rowsum_part,  // (splits, num_rows, S, 4)
+    const float* __restrict__ rowsum_part,  // (splits, num_rows, S, kMoments)
     const float* __restrict__ precision,    // (num_rows, S, 2)
     scalar_t* __restrict__ grad_q,          // (num_rows, D)
     float* __restrict__ grad_centers,       // (num_rows, S, 2)
@@ -558,19 +570,17 @@ __global__ void backward_dq_reduce_kernel(
     const int64_t row = idx / D;
     for (int s = 0; s < S; ++s) {
       const int64_t rs = row * S + s;
-      float sum_dx = 0.f, sum_dx2 = 0.f, sum_dy = 0.f, sum_dy2 = 0.f;
+      float m[kMoments] = {};
       for (int sp = 0; sp < num_splits; ++sp) {
-        const float* part = rowsum_part + (sp * num_rows * S + rs) * 4;
-        sum_dx += part[0];
-        sum_dx2 += part[1];
-        sum_dy += part[2];
-        sum_dy2 += part[3];
+        const float* part = rowsum_part + (sp * num_rows * S + rs) * kMoments;
+        for (int c = 0; c < kMoments; ++c) m[c] += part[c];
       }
+      const float e = m[4];
       const float px = precision[2 * rs], py = precision[2 * rs + 1];
-      grad_centers[2 * rs] = 2.f * px * px * sum_dx;
-      grad_centers[2 * rs + 1] = 2.f * py * py * sum_dy;
-      grad_precision[2 * rs] = -2.f * px * sum_dx2;
-      grad_precision[2 * rs + 1] = -2.f * py * sum_dy2;
+      grad_centers[2 * rs] = 2.f * px * px * (m[0] - e * m[5]);
+      grad_centers[2 * rs + 1] = 2.f * py * py * (m[2] - e * m[7]);
+      grad_precision[2 * rs] = -2.f * px * (m[1] - e * m[6]);
+      grad_precision[2 * rs + 1] = -2.f * py * (m[3] - e * m[8]);
     }
   }
 }
@@ -881,7 +891,7 @@ void run_backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor
     check_grid(p.B * p.H * q_tiles);
     const int splits = key_splits(p.B * p.H * q_tiles, levels.tile_begin[p.S]);
     at::Tensor dq_part = at::empty({splits, num_rows, p.D}, f32);
-    at::Tensor rowsum_part = at::empty({splits, num_rows, p.S, 4}, f32);
+    at::Tensor rowsum_part = at::empty({splits, num_rows, p.S, kMoments}, f32);
     auto kernel = backward_dq_kernel<scalar_t, D, BM, BN>;
     const size_t smem = sizeof(float) * (2 * (BM + BN) * (D + 1) + BM * (BN + 1));
     set_shared_memory(kernel, smem);

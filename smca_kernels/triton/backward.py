@@ -6,12 +6,17 @@ dot_is = <grad_out_i, out_is> (per level s):
     dS        = W * (Z (grad_out V^T) - dot_is)      (= P * (dP - Delta) of the contract)
     dq = scale dS k,  dk = scale dS^T q,  dv = (Z W)^T grad_out
     dcx_i = 2 px_i^2 sum_j dS_ij (x_j - cx_i),  dpx_i = -2 px_i sum_j dS_ij (x_j - cx_i)^2 (and y)
+A row of dS sums to zero, but dot comes from the rounded output, so the computed rows sum to
+e = sum_j dS_ij and carry an extra e P_ij, which the factors (x_j - cx_i)^2 (the map size squared,
+more for a centre outside it) would amplify. As in the C++ CPU kernel (csrc/cpu/tile_ops.h), it is
+taken out: sum_j dS_ij w_j -> sum_j dS_ij w_j - e sum_j P_ij w_j.
 
 1. _preprocess_kernel: dot (B, H, Nq, S) from grad_out and the saved per-level outputs.
 2. _dkdv_kernel: a program per key tile (tiles never straddle levels) loops over all queries.
-3. _dq_kernel: a program per query tile loops over the levels and their keys and also sums the
-   row-wise dcenters / dprecision. Its key axis is split like the forward's; each split writes
-   float32 partial sums that are added afterwards (a fixed order: deterministic).
+3. _dq_kernel: a program per query tile loops over the levels and their keys and also sums, per
+   row and level, the MOMENTS that give dcenters / dprecision. Its key axis is split like the
+   forward's; each split writes float32 partial sums that are added afterwards (a fixed order:
+   deterministic), then centre_precision_grads applies the correction above.
 P is recomputed from the saved lse; lse = +inf (all keys of the level masked) gives P = 0 and so
 zero gradients.
 """
@@ -33,6 +38,9 @@ DQ_TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (12
 _DKDV_CONFIGS = configs(DKDV_TILES, interpret_tile=(16, 16, 4, 1))
 _DQ_CONFIGS = configs(DQ_TILES, interpret_tile=(16, 16, 4, 1))
 _PREPROCESS_BLOCK_R = 64
+# The per-row, per-level sums of the dq pass, in the order of csrc/cpu/tile_ops.h's Moment:
+# sum_j dS_j w_j and sum_j P_j w_j for w = dx, dx^2, dy, dy^2, and sum_j dS_j.
+MOMENTS = ("ds_dx", "ds_dx2", "ds_dy", "ds_dy2", "ds", "p_dx", "p_dx2", "p_dy", "p_dy2")
 
 
 @triton.jit
@@ -184,8 +192,7 @@ def _dq_kernel(
     lse_ptr,  # (B, H, Nq, S) float32, natural log, +inf for fully masked levels
     dot_ptr,  # (B, H, Nq, S) float32 from _preprocess_kernel
     grad_q_ptr,  # (num_splits, B, H, Nq, D): q dtype if num_splits == 1, else float32 partials
-    grad_centers_ptr,  # (num_splits, B, H, Nq, S, 2) float32 (partials if num_splits > 1)
-    grad_precision_ptr,  # (num_splits, B, H, Nq, S, 2) float32 (partials if num_splits > 1)
+    moments_ptr,  # (num_splits, B, H, Nq, S, 9) float32 MOMENTS (partials if num_splits > 1)
     H, Nq, L, S, num_splits,
     scale, dropout_p, seed,
     nq_bucket, l_bucket,  # autotuning key only
@@ -209,8 +216,7 @@ def _dq_kernel(
     mask_ptr += (bh // H) * L
     part = split * tl.num_programs(1) + bh  # this split's (batch, head) slice of the outputs
     grad_q_ptr += part * Nq * HEAD_DIM
-    grad_centers_ptr += part * Nq * S * 2
-    grad_precision_ptr += part * Nq * S * 2
+    moments_ptr += part * Nq * S * 9
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -240,11 +246,16 @@ def _dq_kernel(
         lo = split * tiles_per_split * BLOCK_N
         hi = tl.minimum(lo + tiles_per_split * BLOCK_N, n)
 
-        # Row sums of dS (x - cx), dS (x - cx)^2 and the same in y.
-        sum_dx = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_dx2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_dy = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_dy2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # Row sums of dS w and P w for w = x - cx, (x - cx)^2 and the same in y, and of dS.
+        ds_dx_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ds_dx2_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ds_dy_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ds_dy2_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ds_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_dx_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_dx2_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_dy_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_dy2_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j0 in range(lo, hi, BLOCK_N):
             local = j0 + tl.arange(0, BLOCK_N)
             key_ok = local < hi
@@ -259,9 +270,10 @@ def _dq_kernel(
                       + log_prior(dx, dy, px[:, None], py[:, None]) * LOG2E)
             key_ok = valid_keys(mask_ptr, keys, key_ok, HAS_MASK)
             scores = tl.where(key_ok[None, :], scores, float("-inf"))
-            w = tl.exp2(scores - lse2[:, None])  # P
+            p = tl.exp2(scores - lse2[:, None])  # P
+            w = p
             if HAS_ALPHA:
-                w *= a[:, None]
+                w = p * a[:, None]
             dw = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rows[:, None], keys[None, :], L, dropout_p)
@@ -270,17 +282,41 @@ def _dq_kernel(
             grad_q += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             ds_dx = ds * dx
             ds_dy = ds * dy
-            sum_dx += tl.sum(ds_dx, 1)
-            sum_dx2 += tl.sum(ds_dx * dx, 1)
-            sum_dy += tl.sum(ds_dy, 1)
-            sum_dy2 += tl.sum(ds_dy * dy, 1)
+            p_dx = p * dx
+            p_dy = p * dy
+            ds_dx_sum += tl.sum(ds_dx, 1)
+            ds_dx2_sum += tl.sum(ds_dx * dx, 1)
+            ds_dy_sum += tl.sum(ds_dy, 1)
+            ds_dy2_sum += tl.sum(ds_dy * dy, 1)
+            ds_sum += tl.sum(ds, 1)
+            p_dx_sum += tl.sum(p_dx, 1)
+            p_dx2_sum += tl.sum(p_dx * dx, 1)
+            p_dy_sum += tl.sum(p_dy, 1)
+            p_dy2_sum += tl.sum(p_dy * dy, 1)
 
-        tl.store(grad_centers_ptr + 2 * idx, 2.0 * px * px * sum_dx, mask=row_ok)
-        tl.store(grad_centers_ptr + 2 * idx + 1, 2.0 * py * py * sum_dy, mask=row_ok)
-        tl.store(grad_precision_ptr + 2 * idx, -2.0 * px * sum_dx2, mask=row_ok)
-        tl.store(grad_precision_ptr + 2 * idx + 1, -2.0 * py * sum_dy2, mask=row_ok)
+        row_moments = moments_ptr + 9 * idx  # in the order of MOMENTS
+        tl.store(row_moments, ds_dx_sum, mask=row_ok)
+        tl.store(row_moments + 1, ds_dx2_sum, mask=row_ok)
+        tl.store(row_moments + 2, ds_dy_sum, mask=row_ok)
+        tl.store(row_moments + 3, ds_dy2_sum, mask=row_ok)
+        tl.store(row_moments + 4, ds_sum, mask=row_ok)
+        tl.store(row_moments + 5, p_dx_sum, mask=row_ok)
+        tl.store(row_moments + 6, p_dx2_sum, mask=row_ok)
+        tl.store(row_moments + 7, p_dy_sum, mask=row_ok)
+        tl.store(row_moments + 8, p_dy2_sum, mask=row_ok)
 
     tl.store(grad_q_ptr + q_offs, (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=q_mask)
+
+
+def centre_precision_grads(moments: torch.Tensor, precision: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_centers, grad_precision), each (B, H, Nq, S, 2), from the row moments (B, H, Nq, S, 9)
+    of the dq pass (MOMENTS) and precision (B, H, Nq, S, 2), with the correction of the module
+    docstring: sum dS w - e sum P w, e = sum dS."""
+    ds_w = moments[..., :4] - moments[..., 4:5] * moments[..., 5:]  # w = dx, dx^2, dy, dy^2
+    px, py = precision.unbind(-1)
+    grad_centers = torch.stack((2 * px * px * ds_w[..., 0], 2 * py * py * ds_w[..., 2]), dim=-1)
+    grad_precision = torch.stack((-2 * px * ds_w[..., 1], -2 * py * ds_w[..., 3]), dim=-1)
+    return grad_centers, grad_precision
 
 
 def coattention_backward(
@@ -363,26 +399,22 @@ def coattention_backward(
 
     if num_splits == 1:
         grad_q = torch.empty_like(q)
-        grad_centers = torch.empty_like(centers)
-        grad_precision = torch.empty_like(precision)
     else:
         grad_q = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=device)
-        grad_centers = torch.empty((num_splits, *centers.shape), dtype=torch.float32, device=device)
-        grad_precision = torch.empty_like(grad_centers)
+    moments = torch.empty((num_splits, B, H, Nq, S, len(MOMENTS)), dtype=torch.float32, device=device)
 
     def dq_grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H, num_splits)
 
     _dq_kernel[dq_grid](
         q, k, v, grad_out, centers, precision, alpha_arg, levels, mask, lse, dot,
-        grad_q, grad_centers, grad_precision,
+        grad_q, moments,
         H, Nq, L, S, num_splits, scale, dropout_p, seed, bucket(Nq), bucket(L),
         **flags,
     )
     if num_splits > 1:
         grad_q = grad_q.sum(0).to(q.dtype)
-        grad_centers = grad_centers.sum(0)
-        grad_precision = grad_precision.sum(0)
+    grad_centers, grad_precision = centre_precision_grads(moments.sum(0), precision)
 
     grad_alpha = dot if alpha is not None else centers.new_empty(0)
     return grad_q, grad_k, grad_v, grad_centers, grad_precision, grad_alpha

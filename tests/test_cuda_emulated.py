@@ -1,0 +1,110 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU through tests/cuda_emulation.h (a thread per CUDA
+thread, so small odd shapes): forward and every gradient against the float64 reference in fp32,
+fp16 and bf16 (the rule of helpers.allowed_error), with masked keys, empty levels and batch
+elements, centres outside the map, strided inputs and splits of the key axis; dropout against
+the C++ CPU kernel with the same seed. test_gpu.py runs the same kernels on a GPU; this runs
+everywhere. `python tests/cuda_emulation.py --sanitizer thread|address` runs it under TSan or
+ASan + UBSan.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+import cuda_emulation
+import smca_kernels as sk
+from helpers import Case, allowed_error, call, grads, leaves, make_inputs, relative_error
+
+GRADIENTS = ("q", "k", "v", "centers", "precision", "alpha")
+
+CASES = [
+    Case(B=1, H=1, Nq=1, D=16, shapes=[(1, 1)]),
+    Case(B=2, H=2, Nq=7, D=16, shapes=[(3, 5)], mask="random"),
+    Case(B=2, H=2, Nq=19, D=32, shapes=[(9, 11)], mask="empty_batch", outside=True, layout="strided"),
+    Case(B=2, H=2, Nq=7, D=16, shapes=[(5, 7), (3, 4), (1, 1)], multi=True, mask="empty_level"),
+    Case(B=1, H=2, Nq=70, D=64, shapes=[(16, 17), (5, 6)], multi=True, mask="random"),
+    Case(B=1, H=1, Nq=33, D=128, shapes=[(9, 13), (2, 3)], multi=True, outside=True),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return cuda_emulation.build(os.environ.get("SMCA_EMULATION_SANITIZER"))
+
+
+def run(forward, backward, case: Case, t: dict, grad_out: torch.Tensor, dropout_p: float):
+    """out and the gradients of `t`'s inputs from a device op pair called directly (the CUDA
+    kernel's signature), the way autograd would sum them (expanded centres: over heads)."""
+    coords = [t[n] if case.multi else t[n].unsqueeze(3) for n in ("centers", "precision")]
+    coords = [c.detach().expand(case.B, case.H, *c.shape[2:]) for c in coords]
+    alpha = t.get("alpha")
+    args = (t["q"].detach(), t["k"].detach(), t["v"].detach(), *coords, None if alpha is None else alpha.detach())
+    flat = [n for shape in case.shapes for n in shape]
+    scale, seed = case.D**-0.5, 1234
+    out, out_levels, lse = forward(*args, flat, t["mask"], scale, dropout_p, seed)
+    saved = out_levels if case.multi else out.unsqueeze(3)
+    g = dict(zip(GRADIENTS, backward(grad_out.to(out.dtype), *args, saved, lse, flat, t["mask"], scale, dropout_p, seed)))
+    if not case.multi:
+        del g["alpha"]
+        g["centers"], g["precision"] = g["centers"].squeeze(3), g["precision"].squeeze(3)
+    for name in ("centers", "precision"):
+        if t[name].shape[1] == 1 < case.H:
+            g[name] = g[name].sum(1, keepdim=True)
+    return out, g
+
+
+def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> None:
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{case}-{dropout_p}".encode()))
+    inputs = make_inputs(case, generator)
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
+    if dropout_p == 0.0:  # the reference, in float64 and in the kernel's dtype
+        exact_t, ref_t = leaves(inputs, torch.float64, "cpu"), leaves(inputs, dtype, "cpu")
+        exact, ref = call(sk, case, exact_t, "reference"), call(sk, case, ref_t, "reference")
+        exact_g, ref_g = grads(exact, exact_t, grad_out), grads(ref, ref_t, grad_out.to(dtype))
+    else:  # the C++ CPU kernel, which draws the same Philox numbers, in float64 and float32
+        ops = (torch.ops.smca._coattention_forward, torch.ops.smca._coattention_backward)
+        exact, exact_g = run(*ops, case, leaves(inputs, torch.float64, "cpu"), grad_out, dropout_p)
+        ref, ref_g = run(*ops, case, leaves(inputs, torch.float32, "cpu"), grad_out, dropout_p)
+    out, g = run(kernels.forward, kernels.backward, case, leaves(inputs, dtype, "cpu"), grad_out, dropout_p)
+    assert out.dtype == dtype
+    assert relative_error(out, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
+    for name, value in exact_g.items():
+        allowed = allowed_error(dtype, relative_error(ref_g[name], value))
+        assert relative_error(g[name], value) <= allowed, f"grad of {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_emulated_cuda_matches_reference(kernels, case, dtype):
+    check(kernels, case, dtype)
+
+
+# Enough keys for at least four key tiles, so that few query blocks split them.
+SPLIT_CASES = [
+    Case(B=1, H=1, Nq=5, D=32, shapes=[(12, 23)], mask="random"),
+    Case(B=2, H=2, Nq=70, D=64, shapes=[(16, 17), (5, 6)], multi=True, mask="empty_level"),
+    Case(B=1, H=1, Nq=33, D=128, shapes=[(9, 13), (2, 3)], multi=True, outside=True, layout="strided"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_emulated_cuda_key_splits(kernels, case, monkeypatch):
+    """With 64 SMs the few blocks of these cases leave SMs idle, so the kernels split the keys
+    (grid.y > 1)."""
+    monkeypatch.setenv("SMCA_EMULATED_SMS", "64")
+    kernels.reset_widest_grid_y()
+    check(kernels, case, torch.float32)
+    check(kernels, case, torch.float32, dropout_p=0.3)
+    assert kernels.widest_grid_y() > 1, "no key split"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_emulated_cuda_dropout_matches_cpu(kernels, case):
+    check(kernels, case, torch.float32, dropout_p=0.3)
+
+
+def test_emulation_rewrites_every_launch():
+    source = cuda_emulation.emulated_source()
+    assert "<<<" not in source and "emu::launch(" in source
+    assert "TORCH_LIBRARY_IMPL" not in source
