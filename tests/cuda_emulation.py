@@ -11,6 +11,7 @@ _backward). Every rewrite must find its text, so an edit of the .cu that defeats
 Under a sanitizer (the build and the tests, in a child process that preloads its runtime):
     python tests/cuda_emulation.py --sanitizer thread    # ThreadSanitizer: missing barriers
     python tests/cuda_emulation.py --sanitizer address   # AddressSanitizer + UBSan
+    python tests/cuda_emulation.py --sanitizer thread -- -k splits   # pytest arguments after --
 """
 import argparse
 import os
@@ -22,10 +23,12 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "coattention_cuda.cu"
+# name: (compiler flags, runtime libraries to preload, options)
 SANITIZERS = {
-    "thread": (["-fsanitize=thread"], "libtsan.so", {"TSAN_OPTIONS": "halt_on_error=1 report_signal_unsafe=0"}),
+    "thread": (["-fsanitize=thread"], ["libtsan.so"], {"TSAN_OPTIONS": "halt_on_error=1 report_signal_unsafe=0"}),
+    # libstdc++ too, so that ASan's __cxa_throw interceptor finds it (torch throws while importing).
     "address": (["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"],
-                "libasan.so", {"ASAN_OPTIONS": "detect_leaks=0"}),
+                ["libasan.so", "libstdc++.so"], {"ASAN_OPTIONS": "detect_leaks=0"}),
 }
 _DROPPED_INCLUDES = ("ATen/cuda/CUDAContext.h", "c10/cuda/CUDAException.h", "c10/cuda/CUDAGuard.h",
                      "cuda_runtime.h", "torch/library.h")
@@ -87,6 +90,8 @@ def build(sanitizer: Optional[str] = None):
     if not source.exists() or source.read_text() != text:  # an unchanged file keeps ninja's build
         source.write_text(text)
     flags = SANITIZERS[sanitizer][0] if sanitizer else []
+    # The sanitizer runtime was preloaded into this process (main); the compiler must not get it.
+    os.environ.pop("LD_PRELOAD", None)
     return load(
         name=name, sources=[str(source), str(ROOT / "csrc" / "checks.cpp")],
         extra_include_paths=[str(ROOT / "tests"), str(ROOT / "csrc")],
@@ -98,14 +103,16 @@ def build(sanitizer: Optional[str] = None):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sanitizer", choices=sorted(SANITIZERS), required=True)
-    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, e.g. -k float32")
+    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments after --, e.g. -- -k float32")
     args = parser.parse_args()
-    _, runtime, options = SANITIZERS[args.sanitizer]
-    library = subprocess.run(["g++", f"-print-file-name={runtime}"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    _, runtimes, options = SANITIZERS[args.sanitizer]
+    libraries = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True,
+                                check=True).stdout.strip() for name in runtimes]
     # Python is not instrumented: the runtime must be loaded before it, not with the extension.
-    env = dict(os.environ, LD_PRELOAD=library, SMCA_EMULATION_SANITIZER=args.sanitizer, **options)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # One OpenMP thread: TSan cannot see libgomp's (uninstrumented) barriers in torch's own ops.
+    env = dict(os.environ, LD_PRELOAD=":".join(libraries), SMCA_EMULATION_SANITIZER=args.sanitizer,
+               OMP_NUM_THREADS="1", **options)
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",  # -s: reports reach stderr
                str(ROOT / "tests" / "test_cuda_emulated.py"), *args.pytest_args]
     return subprocess.run(command, env=env, cwd=ROOT).returncode
 
