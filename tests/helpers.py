@@ -80,7 +80,7 @@ def make_inputs(case: Case, generator: torch.Generator) -> dict:
     return inputs
 
 
-DIFFERENTIABLE = ("q", "k", "v", "centers", "precision", "alpha")
+DIFFERENTIABLE = ("q", "k", "v", "centers", "precision", "alpha")  # also the device ops' gradient order
 
 
 def leaves(inputs: dict, dtype: torch.dtype, device: str) -> dict:
@@ -108,6 +108,31 @@ def call(op, case: Case, t: dict, backend: str, **kwargs):
     return op.gaussian_coattention(
         t["q"], t["k"], t["v"], centers, precision, case.shapes[0], t["mask"], backend=backend, **kwargs
     )
+
+
+def device_kernel_results(forward, backward, case: Case, t: dict, grad_out: torch.Tensor,
+                          dropout_p: float = 0.0, seed: int = 0):
+    """(out, gradients, lse) of a device kernel pair called directly, with the signature of
+    smca::_coattention_forward / _coattention_backward (coordinates with a level axis, the
+    per-level outputs saved for the backward), on the tensors of `t` (leaves()). The gradients
+    are those of `t`'s inputs, summed over heads where centres were expanded, as autograd would."""
+    coords = [t[n] if case.multi else t[n].unsqueeze(3) for n in ("centers", "precision")]
+    coords = [c.detach().expand(case.B, case.H, *c.shape[2:]) for c in coords]
+    alpha = t.get("alpha")
+    args = (t["q"].detach(), t["k"].detach(), t["v"].detach(), *coords, None if alpha is None else alpha.detach())
+    flat = [n for shape in case.shapes for n in shape]
+    scale = case.D**-0.5
+    out, out_levels, lse = forward(*args, flat, t["mask"], scale, dropout_p, seed)
+    saved = out_levels if case.multi else out.unsqueeze(3)
+    grad_out = grad_out.to(device=out.device, dtype=out.dtype)
+    g = dict(zip(DIFFERENTIABLE, backward(grad_out, *args, saved, lse, flat, t["mask"], scale, dropout_p, seed)))
+    if not case.multi:
+        del g["alpha"]
+        g["centers"], g["precision"] = g["centers"].squeeze(3), g["precision"].squeeze(3)
+    for name in ("centers", "precision"):
+        if t[name].shape[1] == 1 < case.H:
+            g[name] = g[name].sum(1, keepdim=True)
+    return out, g, lse
 
 
 def grads(out: torch.Tensor, t: dict, grad_out: torch.Tensor) -> dict:

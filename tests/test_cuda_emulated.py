@@ -14,9 +14,7 @@ import torch
 
 import cuda_emulation
 import smca_kernels as sk
-from helpers import Case, allowed_error, call, grads, leaves, make_inputs, relative_error
-
-GRADIENTS = ("q", "k", "v", "centers", "precision", "alpha")
+from helpers import Case, allowed_error, call, device_kernel_results, grads, leaves, make_inputs, relative_error
 
 CASES = [
     Case(B=1, H=1, Nq=1, D=16, shapes=[(1, 1)]),
@@ -33,27 +31,6 @@ def kernels():
     return cuda_emulation.build(os.environ.get("SMCA_EMULATION_SANITIZER"))
 
 
-def run(forward, backward, case: Case, t: dict, grad_out: torch.Tensor, dropout_p: float):
-    """out and the gradients of `t`'s inputs from a device op pair called directly (the CUDA
-    kernel's signature), the way autograd would sum them (expanded centres: over heads)."""
-    coords = [t[n] if case.multi else t[n].unsqueeze(3) for n in ("centers", "precision")]
-    coords = [c.detach().expand(case.B, case.H, *c.shape[2:]) for c in coords]
-    alpha = t.get("alpha")
-    args = (t["q"].detach(), t["k"].detach(), t["v"].detach(), *coords, None if alpha is None else alpha.detach())
-    flat = [n for shape in case.shapes for n in shape]
-    scale, seed = case.D**-0.5, 1234
-    out, out_levels, lse = forward(*args, flat, t["mask"], scale, dropout_p, seed)
-    saved = out_levels if case.multi else out.unsqueeze(3)
-    g = dict(zip(GRADIENTS, backward(grad_out.to(out.dtype), *args, saved, lse, flat, t["mask"], scale, dropout_p, seed)))
-    if not case.multi:
-        del g["alpha"]
-        g["centers"], g["precision"] = g["centers"].squeeze(3), g["precision"].squeeze(3)
-    for name in ("centers", "precision"):
-        if t[name].shape[1] == 1 < case.H:
-            g[name] = g[name].sum(1, keepdim=True)
-    return out, g
-
-
 def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> None:
     generator = torch.Generator().manual_seed(zlib.crc32(f"{case}-{dropout_p}".encode()))
     inputs = make_inputs(case, generator)
@@ -64,9 +41,10 @@ def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> No
         exact_g, ref_g = grads(exact, exact_t, grad_out), grads(ref, ref_t, grad_out.to(dtype))
     else:  # the C++ CPU kernel, which draws the same Philox numbers, in float64 and float32
         ops = (torch.ops.smca._coattention_forward, torch.ops.smca._coattention_backward)
-        exact, exact_g = run(*ops, case, leaves(inputs, torch.float64, "cpu"), grad_out, dropout_p)
-        ref, ref_g = run(*ops, case, leaves(inputs, torch.float32, "cpu"), grad_out, dropout_p)
-    out, g = run(kernels.forward, kernels.backward, case, leaves(inputs, dtype, "cpu"), grad_out, dropout_p)
+        exact, exact_g, _ = device_kernel_results(*ops, case, leaves(inputs, torch.float64, "cpu"), grad_out, dropout_p, seed=1234)
+        ref, ref_g, _ = device_kernel_results(*ops, case, leaves(inputs, torch.float32, "cpu"), grad_out, dropout_p, seed=1234)
+    out, g, _ = device_kernel_results(kernels.forward, kernels.backward, case, leaves(inputs, dtype, "cpu"), grad_out,
+                                      dropout_p, seed=1234)
     assert out.dtype == dtype
     assert relative_error(out, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
     for name, value in exact_g.items():

@@ -5,6 +5,7 @@ The C++ CPU kernel runs always; the Triton kernels run on the GPU when there is 
 tensors through the interpreter (small shapes: it is slow); the SPEC-sized GPU cases are in
 test_gpu.py.
 """
+import functools
 import zlib
 
 import pytest
@@ -14,8 +15,8 @@ import smca_kernels as sk
 from smca_kernels.triton import backward as triton_backward
 from smca_kernels.triton import forward as triton_forward
 from helpers import (
-    TOLERANCE, TRITON_DEVICE, Case, allowed_error, call, check_dropout_against_cpu, grads, leaves,
-    make_inputs, relative_error,
+    TOLERANCE, TRITON_DEVICE, Case, allowed_error, call, check_dropout_against_cpu, device_kernel_results,
+    grads, leaves, make_inputs, relative_error,
 )
 
 CPU_CASES = [
@@ -70,39 +71,30 @@ def test_matches_reference(backend, case, dtype):
             assert actual_g[name][1].abs().max() == 0, name
 
 
-def _device_kernel_args(case: Case, inputs: dict):
-    """(q, k, v, centers, precision, alpha) for the device kernels on TRITON_DEVICE in float32
-    (coordinates with their level axis), and the mask."""
-    t = {n: (None if x is None else x.detach()) for n, x in leaves(inputs, torch.float32, TRITON_DEVICE).items()}
-    coords = [t[n] if case.multi else t[n].unsqueeze(3) for n in ("centers", "precision")]
-    return (t["q"], t["k"], t["v"], *coords, t.get("alpha")), t["mask"]
+def _triton_kernels(num_splits: int):
+    """The Triton device kernels with `num_splits` key splits, for device_kernel_results."""
+    from smca_kernels.triton import coattention_backward, coattention_forward
+
+    return (functools.partial(coattention_forward, num_splits=num_splits),
+            functools.partial(coattention_backward, num_splits=num_splits))
 
 
 def _check_triton_kernels(case: Case, num_splits: int, seed: int) -> None:
     """The Triton device kernels called directly with `num_splits` against the float64 reference,
     forward and every gradient, on TRITON_DEVICE in float32."""
-    from smca_kernels.triton import coattention_backward, coattention_forward
-
     generator = torch.Generator().manual_seed(seed)
     inputs = make_inputs(case, generator)
-    multi, S = case.multi, len(case.shapes)
-    flat = [n for shape in case.shapes for n in shape]
     exact_t = leaves(inputs, torch.float64, "cpu")
     exact = call(sk, case, exact_t, "reference")
     grad_out = torch.randn(exact.shape, dtype=torch.float64, generator=generator)
     exact_g = grads(exact, exact_t, grad_out)
 
-    args, mask = _device_kernel_args(case, inputs)
-    out, out_levels, lse = coattention_forward(*args, flat, mask, case.D**-0.5, 0.0, 0, num_splits=num_splits)
+    t = leaves(inputs, torch.float32, TRITON_DEVICE)
+    out, g, lse = device_kernel_results(*_triton_kernels(num_splits), case, t, grad_out)
     assert relative_error(out, exact) <= TOLERANCE[torch.float32], "output"
-    assert lse.shape == (case.B, case.H, case.Nq, S)
-    saved = out_levels if multi else out.unsqueeze(3)
-    g = coattention_backward(grad_out.float().to(TRITON_DEVICE), *args, saved, lse, flat, mask,
-                             case.D**-0.5, 0.0, 0, num_splits=num_splits)
-    for name, value in zip(("q", "k", "v", "centers", "precision", "alpha"), g):
-        if name in exact_g:
-            value = value if multi or name not in ("centers", "precision") else value.squeeze(3)
-            assert relative_error(value, exact_g[name]) <= TOLERANCE[torch.float32], f"grad of {name}"
+    assert lse.shape == (case.B, case.H, case.Nq, len(case.shapes))
+    for name, value in exact_g.items():
+        assert relative_error(g[name], value) <= TOLERANCE[torch.float32], f"grad of {name}"
 
 
 def _split_case(multi: bool) -> Case:
@@ -116,24 +108,20 @@ def test_triton_split_keys(multi):
     """The key axis split over programs (num_splits > 1, the GPU path for few queries) against
     the reference, forward and every gradient of the device kernels; with dropout, the split
     kernels drop what the unsplit ones drop."""
-    from smca_kernels.triton import coattention_backward, coattention_forward
-
     case = _split_case(multi)
     _check_triton_kernels(case, num_splits=3, seed=7)
 
-    args, mask = _device_kernel_args(case, make_inputs(case, torch.Generator().manual_seed(10)))
-    flat = [n for shape in case.shapes for n in shape]
-    grad_out = torch.randn_like(args[0])
-    results = []
-    for num_splits in (1, 3):
-        out, out_levels, lse = coattention_forward(*args, flat, mask, 0.25, 0.3, 1234, num_splits=num_splits)
-        saved = out_levels if multi else out.unsqueeze(3)
-        g = coattention_backward(grad_out, *args, saved, lse, flat, mask, 0.25, 0.3, 1234, num_splits=num_splits)
-        results.append((out, lse) + tuple(g))
-    for name, split, whole in zip(("out", "lse", "q", "k", "v", "centers", "precision", "alpha"), *results):
-        if whole.numel():
-            whole, split = whole.nan_to_num(posinf=0.0), split.nan_to_num(posinf=0.0)  # lse = +inf for empty levels
-            assert relative_error(split, whole) <= TOLERANCE[torch.float32], f"{name} with dropout"
+    generator = torch.Generator().manual_seed(10)
+    t = leaves(make_inputs(case, generator), torch.float32, TRITON_DEVICE)
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, generator=generator)
+    (whole, whole_g, whole_lse), (split, split_g, split_lse) = (
+        device_kernel_results(*_triton_kernels(n), case, t, grad_out, dropout_p=0.3, seed=1234) for n in (1, 3))
+    assert relative_error(split, whole) <= TOLERANCE[torch.float32], "out with dropout"
+    finite = whole_lse.isfinite()  # +inf for empty levels
+    assert torch.equal(finite, split_lse.isfinite())
+    assert relative_error(split_lse[finite], whole_lse[finite]) <= TOLERANCE[torch.float32], "lse with dropout"
+    for name, value in whole_g.items():
+        assert relative_error(split_g[name], value) <= TOLERANCE[torch.float32], f"grad of {name} with dropout"
 
 
 @pytest.mark.parametrize("index", range(max(len(triton_forward.FORWARD_TILES), len(triton_backward.DKDV_TILES),
