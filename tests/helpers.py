@@ -149,6 +149,27 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
+def reference_results(op, case: Case, inputs: dict, grad_out: torch.Tensor, dtype: torch.dtype, device: str):
+    """(exact, exact_g, ref, ref_g): the reference's (op: smca_kernels) output and gradients for
+    `grad_out` in float64 (the truth) and in `dtype` (what that dtype itself can do on these
+    inputs), on `device`."""
+    results = []
+    for precision in (torch.float64, dtype):
+        t = leaves(inputs, precision, device)
+        out = call(op, case, t, "reference")
+        results += [out, grads(out, t, grad_out.to(device=device, dtype=precision))]
+    return tuple(results)
+
+
+def assert_within_reference_error(dtype: torch.dtype, actual, actual_g: dict, exact, exact_g: dict, ref, ref_g: dict):
+    """A kernel's output and gradients in `dtype` against the float64 `exact` ones, each within
+    allowed_error of what `ref` (the same computation in `dtype`) errs."""
+    assert relative_error(actual, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
+    for name, value in exact_g.items():
+        allowed = allowed_error(dtype, relative_error(ref_g[name], value))
+        assert relative_error(actual_g[name], value) <= allowed, f"grad of {name}"
+
+
 def check_dropout_against_cpu(op, case: Case, backend: str, device: str, dropout_p: float = 0.4) -> None:
     """`backend` on `device` in float32 with attention dropout against the C++ CPU kernel in
     float64 with the same seed, forward and every gradient. All kernels draw the same Philox
@@ -167,7 +188,4 @@ def check_dropout_against_cpu(op, case: Case, backend: str, device: str, dropout
     exact, exact_g = run("cpu", torch.float64, "cpu")
     ref, ref_g = run("cpu", torch.float32, "cpu")
     actual, actual_g = run(backend, torch.float32, device)
-    assert relative_error(actual, exact) <= allowed_error(torch.float32, relative_error(ref, exact)), "output"
-    for name, value in exact_g.items():
-        allowed = allowed_error(torch.float32, relative_error(ref_g[name], value))
-        assert relative_error(actual_g[name], value) <= allowed, f"grad of {name}"
+    assert_within_reference_error(torch.float32, actual, actual_g, exact, exact_g, ref, ref_g)

@@ -14,7 +14,7 @@ import torch
 
 import cuda_emulation
 import smca_kernels as sk
-from helpers import Case, allowed_error, call, device_kernel_results, grads, leaves, make_inputs, relative_error
+from helpers import Case, assert_within_reference_error, device_kernel_results, leaves, make_inputs, reference_results
 
 CASES = [
     Case(B=1, H=1, Nq=1, D=16, shapes=[(1, 1)]),
@@ -35,10 +35,8 @@ def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> No
     generator = torch.Generator().manual_seed(zlib.crc32(f"{case}-{dropout_p}".encode()))
     inputs = make_inputs(case, generator)
     grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
-    if dropout_p == 0.0:  # the reference, in float64 and in the kernel's dtype
-        exact_t, ref_t = leaves(inputs, torch.float64, "cpu"), leaves(inputs, dtype, "cpu")
-        exact, ref = call(sk, case, exact_t, "reference"), call(sk, case, ref_t, "reference")
-        exact_g, ref_g = grads(exact, exact_t, grad_out), grads(ref, ref_t, grad_out.to(dtype))
+    if dropout_p == 0.0:
+        exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, dtype, "cpu")
     else:  # the C++ CPU kernel, which draws the same Philox numbers, in float64 and float32
         ops = (torch.ops.smca._coattention_forward, torch.ops.smca._coattention_backward)
         exact, exact_g, _ = device_kernel_results(*ops, case, leaves(inputs, torch.float64, "cpu"), grad_out, dropout_p, seed=1234)
@@ -46,10 +44,7 @@ def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> No
     out, g, _ = device_kernel_results(kernels.forward, kernels.backward, case, leaves(inputs, dtype, "cpu"), grad_out,
                                       dropout_p, seed=1234)
     assert out.dtype == dtype
-    assert relative_error(out, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
-    for name, value in exact_g.items():
-        allowed = allowed_error(dtype, relative_error(ref_g[name], value))
-        assert relative_error(g[name], value) <= allowed, f"grad of {name}"
+    assert_within_reference_error(dtype, out, g, exact, exact_g, ref, ref_g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

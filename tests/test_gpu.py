@@ -3,8 +3,9 @@ and without splits of the key axis; their attention dropout against the C++ CPU 
 backend="auto" does with inputs they do not take.
 
 A kernel's error against the float64 reference must be at most twice the error of the reference
-itself computed in the kernel's dtype, with 1e-5 relative as the floor (helpers.TOLERANCE). The small odd cases and every Triton autotuning config are in
-test_ops.py, which runs them on the GPU too. Skipped without a GPU; `bash .ci/gpu` runs them.
+itself computed in the kernel's dtype, with 1e-5 relative as the floor (helpers.TOLERANCE). The
+small odd cases and every Triton autotuning config are in test_ops.py, which runs them on the GPU
+too. Skipped without a GPU; `bash .ci/gpu` runs them.
 """
 import zlib
 
@@ -13,7 +14,8 @@ import torch
 
 import smca_kernels as sk
 from helpers import (
-    Case, allowed_error, call, check_dropout_against_cpu, grads, leaves, make_inputs, relative_error,
+    Case, assert_within_reference_error, call, check_dropout_against_cpu, grads, leaves, make_inputs,
+    reference_results,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,21 +45,13 @@ def test_gpu_matches_reference(backend, dtype, case):
         pytest.fail(f"backend {backend} is not available on this GPU machine: {sk.available_backends('cuda')}")
     generator = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
     inputs = make_inputs(case, generator)
-    exact_t = leaves(inputs, torch.float64, "cuda")
-    exact = call(sk, case, exact_t, "reference")
-    grad_out = torch.randn(exact.shape, dtype=torch.float64, generator=generator).cuda()
-    exact_g = grads(exact, exact_t, grad_out)
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
+    exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, dtype, "cuda")
 
     kernel_t = leaves(inputs, dtype, "cuda")
     kernel = call(sk, case, kernel_t, backend)
-    kernel_g = grads(kernel, kernel_t, grad_out.to(dtype))
-    ref_t = leaves(inputs, dtype, "cuda")
-    ref = call(sk, case, ref_t, "reference")
-    ref_g = grads(ref, ref_t, grad_out.to(dtype))
-    assert relative_error(kernel, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
-    for name in exact_g:
-        allowed = allowed_error(dtype, relative_error(ref_g[name], exact_g[name]))
-        assert relative_error(kernel_g[name], exact_g[name]) <= allowed, f"grad of {name}"
+    kernel_g = grads(kernel, kernel_t, grad_out.to(device="cuda", dtype=dtype))
+    assert_within_reference_error(dtype, kernel, kernel_g, exact, exact_g, ref, ref_g)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -15,8 +15,8 @@ import smca_kernels as sk
 from smca_kernels.triton import backward as triton_backward
 from smca_kernels.triton import forward as triton_forward
 from helpers import (
-    TOLERANCE, TRITON_DEVICE, Case, allowed_error, call, check_dropout_against_cpu, device_kernel_results,
-    grads, leaves, make_inputs, relative_error,
+    TOLERANCE, TRITON_DEVICE, Case, assert_within_reference_error, call, check_dropout_against_cpu,
+    device_kernel_results, grads, leaves, make_inputs, reference_results, relative_error,
 )
 
 CPU_CASES = [
@@ -46,24 +46,16 @@ PARAMS += [pytest.param("triton", case, torch.float32, id=f"triton-float32-{case
 def test_matches_reference(backend, case, dtype):
     generator = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
     inputs = make_inputs(case, generator)
-    exact_t = leaves(inputs, torch.float64, "cpu")
-    exact = call(sk, case, exact_t, "reference")
-    grad_out = torch.randn(exact.shape, dtype=torch.float64, generator=generator)
-    exact_g = grads(exact, exact_t, grad_out)
-    # The reference in the kernel's dtype: how well that dtype can do on these inputs.
-    ref_t = leaves(inputs, dtype, "cpu")
-    ref = call(sk, case, ref_t, "reference")
-    ref_g = grads(ref, ref_t, grad_out.to(dtype))
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
+    exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, dtype, "cpu")
 
     actual_t = leaves(inputs, dtype, TRITON_DEVICE if backend == "triton" else "cpu")
     actual = call(sk, case, actual_t, backend)
     assert actual.dtype == dtype and actual.shape == exact.shape
-    assert relative_error(actual, exact) <= allowed_error(dtype, relative_error(ref, exact)), "output"
-    actual_g = grads(actual, actual_t, grad_out.to(dtype))
-    for name, value in exact_g.items():
+    actual_g = grads(actual, actual_t, grad_out.to(device=actual.device, dtype=dtype))
+    for name in exact_g:
         assert actual_g[name].dtype == actual_t[name].dtype
-        allowed = allowed_error(dtype, relative_error(ref_g[name], value))
-        assert relative_error(actual_g[name], value) <= allowed, f"grad of {name}"
+    assert_within_reference_error(dtype, actual, actual_g, exact, exact_g, ref, ref_g)
 
     if case.mask == "empty_batch":  # element 1 sees no key: zeros out, zero gradients
         assert actual[1].abs().max() == 0
