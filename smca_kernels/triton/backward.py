@@ -41,6 +41,7 @@ _PREPROCESS_BLOCK_R = 64
 # The per-row, per-level sums of the dq pass, in the order of csrc/cpu/tile_ops.h's Moment:
 # sum_j dS_j w_j and sum_j P_j w_j for w = dx, dx^2, dy, dy^2, and sum_j dS_j.
 MOMENTS = ("ds_dx", "ds_dx2", "ds_dy", "ds_dy2", "ds", "p_dx", "p_dx2", "p_dy", "p_dy2")
+NUM_MOMENTS = tl.constexpr(len(MOMENTS))  # globals read inside kernels must be constexpr
 
 
 @triton.jit
@@ -192,7 +193,7 @@ def _dq_kernel(
     lse_ptr,  # (B, H, Nq, S) float32, natural log, +inf for fully masked levels
     dot_ptr,  # (B, H, Nq, S) float32 from _preprocess_kernel
     grad_q_ptr,  # (num_splits, B, H, Nq, D): q dtype if num_splits == 1, else float32 partials
-    moments_ptr,  # (num_splits, B, H, Nq, S, 9) float32 MOMENTS (partials if num_splits > 1)
+    moments_ptr,  # (num_splits, B, H, Nq, S, NUM_MOMENTS) float32 MOMENTS (partials if num_splits > 1)
     H, Nq, L, S, num_splits,
     scale, dropout_p, seed,
     nq_bucket, l_bucket,  # autotuning key only
@@ -216,7 +217,7 @@ def _dq_kernel(
     mask_ptr += (bh // H) * L
     part = split * tl.num_programs(1) + bh  # this split's (batch, head) slice of the outputs
     grad_q_ptr += part * Nq * HEAD_DIM
-    moments_ptr += part * Nq * S * 9
+    moments_ptr += part * Nq * S * NUM_MOMENTS
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -294,7 +295,7 @@ def _dq_kernel(
             p_dy_sum += tl.sum(p_dy, 1)
             p_dy2_sum += tl.sum(p_dy * dy, 1)
 
-        row_moments = moments_ptr + 9 * idx  # in the order of MOMENTS
+        row_moments = moments_ptr + NUM_MOMENTS * idx  # in the order of MOMENTS
         tl.store(row_moments, ds_dx_sum, mask=row_ok)
         tl.store(row_moments + 1, ds_dx2_sum, mask=row_ok)
         tl.store(row_moments + 2, ds_dy_sum, mask=row_ok)
@@ -309,7 +310,7 @@ def _dq_kernel(
 
 
 def centre_precision_grads(moments: torch.Tensor, precision: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(grad_centers, grad_precision), each (B, H, Nq, S, 2), from the row moments (B, H, Nq, S, 9)
+    """(grad_centers, grad_precision), each (B, H, Nq, S, 2), from the row moments (B, H, Nq, S, NUM_MOMENTS)
     of the dq pass (MOMENTS) and precision (B, H, Nq, S, 2), with the correction of the module
     docstring: sum dS w - e sum P w, e = sum dS."""
     ds_w = moments[..., :4] - moments[..., 4:5] * moments[..., 5:]  # w = dx, dx^2, dy, dy^2
@@ -401,7 +402,7 @@ def coattention_backward(
         grad_q = torch.empty_like(q)
     else:
         grad_q = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=device)
-    moments = torch.empty((num_splits, B, H, Nq, S, len(MOMENTS)), dtype=torch.float32, device=device)
+    moments = torch.empty((num_splits, B, H, Nq, S, NUM_MOMENTS), dtype=torch.float32, device=device)
 
     def dq_grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H, num_splits)
