@@ -39,7 +39,10 @@ TRITON_CASES = [
 ]
 
 PARAMS = [pytest.param("cpu", case, dtype, id=f"cpu-{str(dtype)[6:]}-{case}") for case in CPU_CASES for dtype in (torch.float64, torch.float32)]
-PARAMS += [pytest.param("triton", case, torch.float32, id=f"triton-float32-{case}") for case in TRITON_CASES]
+PARAMS += [
+    pytest.param("triton", case, dtype, id=f"triton-{str(dtype)[6:]}-{case}")
+    for case in TRITON_CASES for dtype in (torch.float32, torch.float16, torch.bfloat16)
+]
 
 
 @pytest.mark.parametrize("backend,case,dtype", PARAMS)
@@ -71,22 +74,19 @@ def _triton_kernels(num_splits: int):
             functools.partial(coattention_backward, num_splits=num_splits))
 
 
-def _check_triton_kernels(case: Case, num_splits: int, seed: int) -> None:
+def _check_triton_kernels(case: Case, num_splits: int, seed: int, dtype: torch.dtype = torch.float32) -> None:
     """The Triton device kernels called directly with `num_splits` against the float64 reference,
-    forward and every gradient, on TRITON_DEVICE in float32."""
+    forward and every gradient, on TRITON_DEVICE in `dtype` (the 2x rule of
+    assert_within_reference_error)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = make_inputs(case, generator)
-    exact_t = leaves(inputs, torch.float64, "cpu")
-    exact = call(sk, case, exact_t, "reference")
-    grad_out = torch.randn(exact.shape, dtype=torch.float64, generator=generator)
-    exact_g = grads(exact, exact_t, grad_out)
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
+    exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, dtype, "cpu")
 
-    t = leaves(inputs, torch.float32, TRITON_DEVICE)
+    t = leaves(inputs, dtype, TRITON_DEVICE)
     out, g, lse = device_kernel_results(*_triton_kernels(num_splits), case, t, grad_out)
-    assert relative_error(out, exact) <= TOLERANCE[torch.float32], "output"
-    assert lse.shape == (case.B, case.H, case.Nq, len(case.shapes))
-    for name, value in exact_g.items():
-        assert relative_error(g[name], value) <= TOLERANCE[torch.float32], f"grad of {name}"
+    assert out.dtype == dtype and lse.shape == (case.B, case.H, case.Nq, len(case.shapes))
+    assert_within_reference_error(dtype, out, g, exact, exact_g, ref, ref_g)
 
 
 def _split_case(multi: bool) -> Case:
@@ -98,10 +98,11 @@ def _split_case(multi: bool) -> Case:
 @pytest.mark.parametrize("multi", [False, True])
 def test_triton_split_keys(multi):
     """The key axis split over programs (num_splits > 1, the GPU path for few queries) against
-    the reference, forward and every gradient of the device kernels; with dropout, the split
-    kernels drop what the unsplit ones drop."""
+    the reference, forward and every gradient of the device kernels, in every dtype (the combine
+    step rounds once, at the end); with dropout, the split kernels drop what the unsplit ones drop."""
     case = _split_case(multi)
-    _check_triton_kernels(case, num_splits=3, seed=7)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        _check_triton_kernels(case, num_splits=3, seed=7, dtype=dtype)
 
     generator = torch.Generator().manual_seed(10)
     t = leaves(make_inputs(case, generator), torch.float32, TRITON_DEVICE)
@@ -136,6 +137,42 @@ def test_triton_every_tuning_config(index, monkeypatch):
             _check_triton_kernels(_split_case(multi=True), num_splits=num_splits, seed=9)
     except triton.runtime.errors.OutOfResources as error:  # the autotuner would skip it too
         pytest.skip(f"config {index} does not fit this GPU: {error}")
+
+
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the Triton interpreter's arithmetic")
+def test_interpreter_bfloat16_arithmetic_is_the_gpus():
+    """smca_kernels.triton.interpreter_fixes: under the interpreter a bfloat16 tl.dot is the
+    float32 product of the operands and a float32 -> bfloat16 cast rounds to nearest even, bit for
+    bit as torch does (ties, subnormals, inf and NaN included)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast_and_dot(x_ptr, y_ptr, a_ptr, b_ptr, c_ptr, n, BLOCK: tl.constexpr, M: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(y_ptr + offs, x.to(tl.bfloat16), mask=offs < n)
+        tile = tl.arange(0, M)[:, None] * M + tl.arange(0, M)[None, :]
+        tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile).to(tl.bfloat16)))
+
+    generator = torch.Generator().manual_seed(0)
+    ulp = 2.0**-8  # of a bfloat16 in [1, 2)
+    x = torch.cat([
+        torch.randn(900, generator=generator),
+        torch.randn(50, generator=generator) * 1e-39,  # float32 and bfloat16 subnormals
+        torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 3.3961e38, 1e-45, -0.0,
+                      float("inf"), -float("inf"), float("nan")]),  # ties to even, overflow
+    ])
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    a = torch.randn(16, 16, generator=generator).bfloat16()
+    b = torch.randn(16, 16, generator=generator)
+    c = torch.empty(16, 16)
+    cast_and_dot[(1,)](x, y, a, b, c, x.numel(), BLOCK=1024, M=16)
+
+    expected = x.bfloat16()
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y[~y.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+    torch.testing.assert_close(c, a.float() @ b.bfloat16().float(), rtol=1e-6, atol=1e-5)
 
 
 def _cpu_gradcheck(fn, inputs):

@@ -26,6 +26,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 # module-level read agrees with it.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+if INTERPRET:
+    from . import interpreter_fixes
+
+    interpreter_fixes.apply()
+
 # Query tile assumed by the split heuristic (the autotuned BLOCK_M may differ).
 NOMINAL_BLOCK_M = 64
 # A split should own at least this many keys of the largest level, or the combine step costs
