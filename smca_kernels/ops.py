@@ -234,7 +234,8 @@ def gaussian_coattention(
         return reference.gaussian_coattention(
             q, k, v, centers, precision, shapes[0], key_padding_mask, scale=scale, dropout_p=dropout_p
         )
-    out, _ = torch.ops.smca.gaussian_coattention(
+    op = _GaussianFunction.apply if torch.is_grad_enabled() else torch.ops.smca.gaussian_coattention
+    out, _ = op(
         q, k, v, centers.to(coord_dtype), precision.to(coord_dtype), list(shapes[0]),
         key_padding_mask, scale, float(dropout_p), _dropout_seed(dropout_p), backend,
     )
@@ -277,7 +278,8 @@ def scale_selective_coattention(
         return reference.scale_selective_coattention(
             q, k, v, centers, precision, alpha, shapes, key_padding_mask, scale=scale, dropout_p=dropout_p
         )
-    out, _, _ = torch.ops.smca.scale_selective_coattention(
+    op = _ScaleSelectiveFunction.apply if torch.is_grad_enabled() else torch.ops.smca.scale_selective_coattention
+    out, _, _ = op(
         q, k, v, centers.to(coord_dtype), precision.to(coord_dtype), alpha.to(coord_dtype),
         [n for shape in shapes for n in shape], key_padding_mask, scale, float(dropout_p),
         _dropout_seed(dropout_p), backend,
@@ -411,6 +413,40 @@ def _scale_selective_autograd(ctx, grad_out, grad_out_levels, grad_lse):
         key_padding_mask, scale, dropout_p, seed, backend,
     )
     return (*grads, None, None, None, None, None, None)
+
+
+class _GaussianFunction(torch.autograd.Function):
+    """torch.ops.smca.gaussian_coattention with the op's own autograd formula, applied outside
+    the op: what the public functions call when grad mode is on. torch.library's autograd wrapper costs ~35 us more per
+    call on this project's CPU (its fill_defaults is quadratic in the schema's 11-12 arguments,
+    pytorch/pytorch#195110); for small batches on a GPU that host time is the step time. Called
+    inside forward (grad mode off), the op skips its wrapper. The op keeps its registration for
+    direct callers, opcheck and export."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # not a separate setup_context: apply would bind defaults by inspect
+        output = torch.ops.smca.gaussian_coattention(*inputs)
+        ctx.mark_non_differentiable(output[1])  # lse
+        ctx.set_materialize_grads(False)  # no zero gradient for lse: backward ignores it
+        _gaussian_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_gaussian_autograd)
+
+
+class _ScaleSelectiveFunction(torch.autograd.Function):
+    """torch.ops.smca.scale_selective_coattention with its autograd outside the op (see
+    _GaussianFunction)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.smca.scale_selective_coattention(*inputs)
+        ctx.mark_non_differentiable(output[1], output[2])  # per-level outputs, lse
+        ctx.set_materialize_grads(False)
+        _scale_selective_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_scale_selective_autograd)
 
 
 def _register() -> None:
