@@ -434,6 +434,74 @@ def test_direct_op_call_is_checked_in_cpp():
         torch.ops.smca._coattention_forward(q, k, k, coords.expand(1, 1, 2, 2, 2), coords.expand(1, 1, 2, 2, 2), None, [1, 2, 2, 2], None, 1.0, 0.0, 0)
 
 
+def _triton_args(**changes):
+    """Good arguments of the Triton device kernels (two levels), with `changes`."""
+    B, H, Nq, L, D = 1, 2, 3, 10, 8
+    args = dict(
+        q=torch.randn(B, H, Nq, D), k=torch.randn(B, H, L, D), v=torch.randn(B, H, L, D),
+        centers=torch.rand(B, H, Nq, 2, 2), precision=torch.rand(B, H, Nq, 2, 2), alpha=torch.rand(B, H, Nq, 2),
+        spatial_shapes=[2, 3, 2, 2], key_padding_mask=torch.zeros(B, L, dtype=torch.bool), dropout_p=0.0,
+    )
+    args.update(changes)
+    return {n: t.to(TRITON_DEVICE) if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+            for n, t in args.items()}
+
+
+BAD_TRITON = [
+    (dict(q=torch.randn(2, 3, 8)), r"q: expected \(B, H, Nq, D\)"),
+    (dict(k=torch.randn(1, 2, 10, 4)), r"k: expected \(B, H, L, D\) = \(1, 2, L, 8\)"),
+    (dict(v=torch.randn(1, 2, 9, 8)), r"v: expected the shape of k"),
+    (dict(q=torch.randn(1, 2, 3, 8, dtype=torch.float64)), r"q: the Triton backend takes float32, float16 or bfloat16"),
+    (dict(v=torch.randn(1, 2, 10, 8).half()), r"q, k, v: expected one dtype"),
+    (dict(q=torch.randn(1, 2, 3, 256), k=torch.randn(1, 2, 10, 256), v=torch.randn(1, 2, 10, 256)), r"head dims 1\.\.128, got 256"),
+    (dict(spatial_shapes=[2, 3, 2]), r"spatial_shapes: expected \[H0, W0, H1, W1, \.\.\.\]"),
+    (dict(spatial_shapes=[2, 5, 0, 2]), r"spatial_shapes: expected positive sizes"),
+    (dict(spatial_shapes=[2, 3, 1, 2]), r"k: expected L = 8 keys"),
+    (dict(centers=torch.rand(1, 2, 3, 2)), r"centers: expected \(B, H, Nq, S, 2\) = \(1, 2, 3, 2, 2\)"),
+    (dict(precision=torch.rand(1, 2, 3, 2, 2).double()), r"precision: expected dtype float32"),
+    (dict(alpha=torch.rand(1, 2, 3, 1)), r"alpha: expected \(B, H, Nq, S\) = \(1, 2, 3, 2\)"),
+    (dict(alpha=torch.rand(1, 2, 3, 2).half()), r"alpha: expected dtype float32"),
+    (dict(alpha=None), r"alpha: required with 2 levels"),
+    (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), r"key_padding_mask: expected \(B, L\) = \(1, 10\)"),
+    (dict(key_padding_mask=torch.zeros(1, 10)), r"key_padding_mask: expected dtype bool"),
+    (dict(v=torch.randn(1, 2, 10, 8, device="meta")), r"v: expected device"),
+    (dict(dropout_p=1.0), r"dropout_p: expected 0 <= p < 1"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_TRITON)
+def test_triton_kernels_check_their_input(changes, message):
+    """The Triton device kernels are callable directly (and by a custom op): bad input raises a
+    message that names the argument, before any launch."""
+    from smca_kernels.triton import coattention_backward, coattention_forward
+
+    a = _triton_args(**changes)
+    args = (a["q"], a["k"], a["v"], a["centers"], a["precision"], a["alpha"])
+    rest = (a["spatial_shapes"], a["key_padding_mask"], 0.5, a["dropout_p"], 0)
+    with pytest.raises(RuntimeError, match=message):
+        coattention_forward(*args, *rest)
+    good = _triton_args()
+    out, out_levels, lse = coattention_forward(*(good[n] for n in ("q", "k", "v", "centers", "precision", "alpha")),
+                                               good["spatial_shapes"], good["key_padding_mask"], 0.5, 0.0, 0)
+    with pytest.raises(RuntimeError, match=message):
+        coattention_backward(torch.ones_like(out), *args, out_levels, lse, *rest)
+
+
+def test_triton_backward_checks_the_saved_tensors():
+    from smca_kernels.triton import coattention_backward, coattention_forward
+
+    a = _triton_args()
+    args = (a["q"], a["k"], a["v"], a["centers"], a["precision"], a["alpha"])
+    rest = (a["spatial_shapes"], a["key_padding_mask"], 0.5, 0.0, 0)
+    out, out_levels, lse = coattention_forward(*args, *rest)
+    for bad, message in ((dict(grad_out=out[:, :1]), r"grad_out: expected shape \(1, 2, 3, 8\)"),
+                         (dict(out_levels=out_levels.half()), r"out_levels: expected shape .* dtype torch.float32"),
+                         (dict(lse=lse[..., :1]), r"lse: expected shape \(1, 2, 3, 2\)")):
+        saved = {"grad_out": torch.ones_like(out), "out_levels": out_levels, "lse": lse, **bad}
+        with pytest.raises(RuntimeError, match=message):
+            coattention_backward(saved["grad_out"], *args, saved["out_levels"], saved["lse"], *rest)
+
+
 def test_op_called_with_an_unusable_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = _op_args(multi=False, requires_grad=False)

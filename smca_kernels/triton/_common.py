@@ -156,51 +156,57 @@ def default_num_splits(batch_heads: int, num_queries: int, largest_level: int,
 def check_args(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask,
                dropout_p) -> int:
     """The checks of smca::check_coattention_args (csrc/checks.cpp) for the Triton backend, so a
-    direct call with bad input raises instead of reading out of bounds. Returns S."""
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise RuntimeError(message)
-
-    require(q.dim() == 4, f"q: expected (B, H, Nq, D), got shape {tuple(q.shape)}")
+    direct call with bad input raises instead of reading out of bounds. Returns S.
+    Each message is formatted only on failure: this runs on every call, on the host's time."""
+    if q.dim() != 4:
+        raise RuntimeError(f"q: expected (B, H, Nq, D), got shape {tuple(q.shape)}")
     B, H, Nq, D = q.shape
-    require(k.dim() == 4 and (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D),
-            f"k: expected (B, H, L, D) = ({B}, {H}, L, {D}), got shape {tuple(k.shape)}")
-    require(v.shape == k.shape, f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    require(q.dtype in (torch.float32, torch.float16, torch.bfloat16),
-            f"q: the Triton backend takes float32, float16 or bfloat16, got {q.dtype}")
-    require(k.dtype == q.dtype and v.dtype == q.dtype,
-            f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    require(1 <= D <= 128, f"q: the Triton backend takes head dims 1..128, got {D}")
-    require(len(spatial_shapes) >= 2 and len(spatial_shapes) % 2 == 0,
-            f"spatial_shapes: expected [H0, W0, H1, W1, ...], got {list(spatial_shapes)}")
-    require(all(n > 0 for n in spatial_shapes),
-            f"spatial_shapes: expected positive sizes, got {list(spatial_shapes)}")
+    if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        raise RuntimeError(f"k: expected (B, H, L, D) = ({B}, {H}, L, {D}), got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise RuntimeError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"q: the Triton backend takes float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise RuntimeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 1 <= D <= 128:
+        raise RuntimeError(f"q: the Triton backend takes head dims 1..128, got {D}")
+    if len(spatial_shapes) < 2 or len(spatial_shapes) % 2 != 0:
+        raise RuntimeError(f"spatial_shapes: expected [H0, W0, H1, W1, ...], got {list(spatial_shapes)}")
+    if any(n <= 0 for n in spatial_shapes):
+        raise RuntimeError(f"spatial_shapes: expected positive sizes, got {list(spatial_shapes)}")
     S = len(spatial_shapes) // 2
     L = sum(level_sizes(spatial_shapes))
-    require(k.shape[2] == L, f"k: expected L = {L} keys for spatial_shapes {list(spatial_shapes)}, "
-            f"got {k.shape[2]}")
-    tensors = {"q": q, "k": k, "v": v, "centers": centers, "precision": precision}
-    for name in ("centers", "precision"):
-        t = tensors[name]
-        require(t.shape == (B, H, Nq, S, 2),
-                f"{name}: expected (B, H, Nq, S, 2) = ({B}, {H}, {Nq}, {S}, 2), got {tuple(t.shape)}")
-        require(t.dtype == torch.float32, f"{name}: expected dtype float32, got {t.dtype}")
+    if k.shape[2] != L:
+        raise RuntimeError(f"k: expected L = {L} keys for spatial_shapes {list(spatial_shapes)}, "
+                           f"got {k.shape[2]}")
+    tensors = [("centers", centers), ("precision", precision)]
+    for name, t in tensors:
+        if t.shape != (B, H, Nq, S, 2):
+            raise RuntimeError(f"{name}: expected (B, H, Nq, S, 2) = ({B}, {H}, {Nq}, {S}, 2), "
+                               f"got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise RuntimeError(f"{name}: expected dtype float32, got {t.dtype}")
     if alpha is not None:
-        require(alpha.shape == (B, H, Nq, S),
-                f"alpha: expected (B, H, Nq, S) = ({B}, {H}, {Nq}, {S}), got {tuple(alpha.shape)}")
-        require(alpha.dtype == torch.float32, f"alpha: expected dtype float32, got {alpha.dtype}")
-        tensors["alpha"] = alpha
-    else:
-        require(S == 1, f"alpha: required with {S} levels")
+        if alpha.shape != (B, H, Nq, S):
+            raise RuntimeError(f"alpha: expected (B, H, Nq, S) = ({B}, {H}, {Nq}, {S}), got {tuple(alpha.shape)}")
+        if alpha.dtype != torch.float32:
+            raise RuntimeError(f"alpha: expected dtype float32, got {alpha.dtype}")
+        tensors.append(("alpha", alpha))
+    elif S != 1:
+        raise RuntimeError(f"alpha: required with {S} levels")
     if key_padding_mask is not None:
-        require(key_padding_mask.shape == (B, L),
-                f"key_padding_mask: expected (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
-        require(key_padding_mask.dtype == torch.bool,
-                f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
-        tensors["key_padding_mask"] = key_padding_mask
-    for name, t in tensors.items():
-        require(t.device == q.device, f"{name}: expected device {q.device}, got {t.device}")
-    require(0.0 <= dropout_p < 1.0, f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+        if key_padding_mask.shape != (B, L):
+            raise RuntimeError(f"key_padding_mask: expected (B, L) = ({B}, {L}), "
+                               f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype != torch.bool:
+            raise RuntimeError(f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
+        tensors.append(("key_padding_mask", key_padding_mask))
+    for name, t in [("k", k), ("v", v), *tensors]:
+        if t.device != q.device:
+            raise RuntimeError(f"{name}: expected device {q.device}, got {t.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise RuntimeError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
     return S
 
 
