@@ -417,11 +417,11 @@ def _scale_selective_autograd(ctx, grad_out, grad_out_levels, grad_lse):
 
 class _GaussianFunction(torch.autograd.Function):
     """torch.ops.smca.gaussian_coattention with the op's own autograd formula, applied outside
-    the op: what the public functions call when grad mode is on. torch.library's autograd wrapper costs ~35 us more per
-    call on this project's CPU (its fill_defaults is quadratic in the schema's 11-12 arguments,
-    pytorch/pytorch#195110); for small batches on a GPU that host time is the step time. Called
-    inside forward (grad mode off), the op skips its wrapper. The op keeps its registration for
-    direct callers, opcheck and export."""
+    the op: what the public functions call when grad mode is on. torch.library's autograd wrapper
+    costs ~35 us more per call on this project's CPU (its fill_defaults is quadratic in the
+    schema's 11-12 arguments, pytorch/pytorch#195110); for small batches on a GPU that host time
+    is the step time. Called inside forward (grad mode off), the op skips its wrapper. The op
+    keeps its registration for direct callers, opcheck and export."""
 
     @staticmethod
     def forward(ctx, *inputs):  # not a separate setup_context: apply would bind defaults by inspect
