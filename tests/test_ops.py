@@ -36,6 +36,7 @@ TRITON_CASES = [
     Case(Nq=7, D=16, shapes=[(3, 5)], mask="random"),
     Case(Nq=19, D=32, shapes=[(5, 7)], mask="empty_batch", outside=True, layout="strided"),
     Case(Nq=7, D=16, shapes=[(3, 4), (2, 3), (1, 1)], multi=True, mask="empty_level"),
+    Case(Nq=5, D=24, shapes=[(3, 4), (2, 3)], multi=True, mask="random", layout="strided"),  # D padded to 32
 ]
 
 PARAMS = [pytest.param("cpu", case, dtype, id=f"cpu-{str(dtype)[6:]}-{case}") for case in CPU_CASES for dtype in (torch.float64, torch.float32)]
