@@ -176,6 +176,24 @@ def test_interpreter_bfloat16_arithmetic_is_the_gpus():
     torch.testing.assert_close(c, a.float() @ b.bfloat16().float(), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("empty", ["no_queries", "no_batch"])
+def test_empty_input(backend, multi, empty):
+    """No query rows (or an empty batch): an empty output and zero gradients, no launch."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    B, Nq = (2, 0) if empty == "no_queries" else (0, 3)
+    case = Case(B=B, Nq=Nq, D=16, shapes=[(3, 4), (2, 2)] if multi else [(3, 4)], multi=multi, mask="random")
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(3)), torch.float32,
+               TRITON_DEVICE if backend == "triton" else backend)
+    out = call(sk, case, t, backend)
+    assert out.shape == (B, case.H, Nq, case.D)
+    grad_out = torch.ones(out.shape, device=out.device)
+    for name, grad in grads(out, t, grad_out).items():
+        assert grad.shape == t[name].shape and not grad.any(), name
+
+
 def _cpu_gradcheck(fn, inputs):
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-8, rtol=1e-6)
 
