@@ -2,7 +2,9 @@
 
 Data flow: gaussian_coattention / scale_selective_coattention (checks, backend choice, seed)
 -> torch.ops.smca.{gaussian,scale_selective}_coattention (one dispatcher op each, with fake
-and autograd registrations) -> the kernel of the chosen backend:
+and autograd registrations; the public functions apply the same autograd formula through a
+torch.autograd.Function around the op, which costs less host time) -> the kernel of the chosen
+backend:
   "cpu"    C++ CPU kernel (csrc/cpu), "cuda" C++/CUDA kernel (csrc/cuda): both behind the
            device op torch.ops.smca._coattention_forward/_backward, picked by dispatch key;
   "triton" smca_kernels.triton (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1);
