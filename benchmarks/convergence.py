@@ -149,16 +149,15 @@ def attention_in_box(checkpoint: str, image_dir: str, num_images: int = 48, top:
     the first `num_images` images of image_dir. Attention spread evenly over the image gives
     about the box's share of the image."""
     import torch
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
 
+    from smca.data.image import read_image
     from smca.predict import load_model
 
     model, _, _ = load_model(checkpoint)
     queries = range(model.query_embed.num_embeddings)
     shares = []
     for name in sorted(os.listdir(image_dir))[:num_images]:
-        image = F.pil_to_tensor(Image.open(os.path.join(image_dir, name)).convert("RGB"))
+        image = read_image(os.path.join(image_dir, name))
         maps = model.attention_maps([image], queries)
         height, width = maps["image_sizes"][0].tolist()  # the resized image inside the padded input
         rows, cols = maps["feature_size"]

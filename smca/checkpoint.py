@@ -2,19 +2,24 @@
 
 A checkpoint is a dict saved with torch.save and read back with weights_only=True, so it holds
 only tensors and plain data:
-    format, epoch (the last finished epoch), model, optimizer, lr_scheduler, scaler (or None),
-    rng (per process rank: python, numpy, torch and, when CUDA is in use, cuda generator states),
-    config (Config.to_dict(): a plain dict, never a pickled object), categories ({id: name}).
+    format, epoch (the last finished epoch), step (optimizer steps taken up to the end of that
+    epoch, over every batch size the run had; None in checkpoints written before it was kept),
+    model, optimizer, lr_scheduler, scaler (or None), rng (per process rank: python, numpy,
+    torch and, when CUDA is in use, cuda generator states), config (Config.to_dict(): a plain
+    dict, never a pickled object), categories ({id: name}).
 It is written to a temporary file in the same directory and moved over the old one with
 os.replace, so a crash while saving leaves the previous checkpoint intact.
 
 Resuming restores every generator, so on CPU (num_workers 0) a run stopped after epoch k and
-resumed ends with the same weights, bit for bit, as a run straight through.
+resumed ends with the same weights, bit for bit, as a run straight through. A resumed run's own
+settings win over the checkpoint's: set_schedule applies its lr, lr_backbone, weight_decay and
+lr_drop to the restored optimizer and scheduler, and training_changes lists the settings that
+differ (architecture fields must agree: check_compatible).
 """
 
 import os
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +32,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "check_compatible",
+    "training_changes",
     "restore",
+    "set_schedule",
 ]
 
 FORMAT = "smca-checkpoint-1"
@@ -46,6 +53,34 @@ ARCHITECTURE_FIELDS = (
     "num_classes",
     "modulation",
     "beta",
+)
+
+# Config fields that a resumed run may change (each applies from its first epoch on); the
+# others are architecture (ARCHITECTURE_FIELDS), where and how the run executes, or epochs
+# (the run's length, which a resume usually extends).
+TRAINING_FIELDS = (
+    "dropout",
+    "aux_loss",
+    "focal_alpha",
+    "focal_gamma",
+    "cls_loss_coef",
+    "bbox_loss_coef",
+    "giou_loss_coef",
+    "set_cost_class",
+    "set_cost_bbox",
+    "set_cost_giou",
+    "topk",
+    "lr",
+    "lr_backbone",
+    "weight_decay",
+    "lr_drop",
+    "batch_size",
+    "clip_max_norm",
+    "seed",
+    "amp",
+    "max_size",
+    "min_sizes",
+    "eval_size",
 )
 
 
@@ -104,6 +139,7 @@ def save_checkpoint(
     lr_scheduler,
     epoch: int,
     cfg,
+    step: Optional[int] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
     categories: Optional[Dict[int, str]] = None,
     rng_states: Optional[List[Dict[str, Any]]] = None,
@@ -111,11 +147,13 @@ def save_checkpoint(
     """Write the training state after `epoch` to `path` atomically (temporary file + os.replace).
 
     model: the bare model (not the DDP wrapper), so that the keys carry no "module." prefix.
+    step: optimizer steps taken up to the end of `epoch`, from the run's start.
     rng_states: rng_state() of every process, by rank (default: this process's only).
     """
     state = dict(
         format=FORMAT,
         epoch=int(epoch),
+        step=None if step is None else int(step),
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
         lr_scheduler=lr_scheduler.state_dict(),
@@ -157,6 +195,46 @@ def check_compatible(state: Dict[str, Any], cfg, path: str = "checkpoint") -> No
         raise CheckpointError(f"{path} is of another model or configuration: " + "; ".join(diffs))
 
 
+def training_changes(state: Dict[str, Any], cfg) -> List[str]:
+    """"name: checkpoint X, run Y" for every TRAINING_FIELDS setting where cfg differs from the
+    checkpoint. lr, lr_backbone, weight_decay and lr_drop are read from the optimizer and
+    scheduler state (param groups as SMCADETR.param_groups orders them: the rest at lr, the
+    backbone at lr_backbone), which is what the checkpoint trained with, whatever its config says."""
+    saved = dict(state["config"])
+    groups = state["optimizer"]["param_groups"]
+    if len(groups) == 2 and all("initial_lr" in g for g in groups):
+        saved.update(
+            lr=groups[0]["initial_lr"], lr_backbone=groups[1]["initial_lr"], weight_decay=groups[0]["weight_decay"]
+        )
+    saved["lr_drop"] = state["lr_scheduler"].get("step_size", saved.get("lr_drop"))
+    current = cfg.to_dict()
+    return [
+        f"{k}: checkpoint {saved.get(k)!r}, run {current[k]!r}" for k in TRAINING_FIELDS if saved.get(k) != current[k]
+    ]
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:
+    """optimizer.load_state_dict(saved), except that a param group empty on one side (the
+    backbone's, frozen by lr_backbone 0 in the checkpoint or in this run) starts afresh."""
+    ours = optimizer.state_dict()["param_groups"]
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    our_sizes = [len(g["params"]) for g in ours]
+    if sizes == our_sizes:
+        optimizer.load_state_dict(saved)
+        return
+    if len(sizes) != len(our_sizes) or any(a and b and a != b for a, b in zip(sizes, our_sizes)):
+        raise CheckpointError(
+            f"the checkpoint's optimizer has parameter groups of {sizes} tensors, this run's {our_sizes}"
+        )
+    groups, per_parameter = [], {}
+    for old, new in zip(saved["param_groups"], ours):
+        if len(old["params"]) == len(new["params"]):
+            pairs = zip(old["params"], new["params"])
+            per_parameter.update({n: saved["state"][o] for o, n in pairs if o in saved["state"]})
+        groups.append(dict(old, params=new["params"]))
+    optimizer.load_state_dict(dict(state=per_parameter, param_groups=groups))
+
+
 def restore(
     state: Dict[str, Any],
     model: torch.nn.Module,
@@ -168,17 +246,21 @@ def restore(
 ) -> int:
     """Load a checkpoint's state into the given objects; returns the epoch to start from.
 
+    The optimizer and scheduler come back with the checkpoint's hyperparameters (set_schedule
+    applies a run's own); a param group that is empty on one side (the backbone frozen with
+    lr_backbone 0, in the checkpoint or in this run) starts with no optimizer state.
     rank, world_size: this process's; its generators are restored when the checkpoint was
     written by as many processes (rank None: leave the generators alone). Call it after
     everything that draws random numbers while being built (model, data loaders), so that the
-    restored generators are the ones the next epoch uses.
+    restored generators are the ones the next epoch uses. Raises CheckpointError when the
+    weights or the optimizer's parameter groups do not fit.
     """
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit the model: {err}") from err
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"])
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler") is not None:
@@ -186,3 +268,25 @@ def restore(
     if rank is not None and len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
     return int(state["epoch"]) + 1
+
+
+def set_schedule(
+    optimizer: torch.optim.Optimizer, lr_scheduler, groups: Sequence[Tuple[float, float]], lr_drop: int
+) -> None:
+    """Apply a run's schedule to a restored optimizer and StepLR: per param group its base lr and
+    weight decay (`groups`, as (lr, weight_decay) in the optimizer's group order), and lr_drop.
+    The lr of the next epoch follows from the epochs done: base_lr * gamma ** (last_epoch //
+    lr_drop), the schedule a run with these settings from the start would be at. Leaves both
+    untouched where they already agree, so that an unchanged resume stays bit for bit exact.
+    Raises ValueError when `groups` does not have one pair per param group."""
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"groups: expected {len(optimizer.param_groups)} (lr, weight_decay) pairs, got {len(groups)}")
+    current = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    if current == [tuple(g) for g in groups] and lr_scheduler.step_size == lr_drop:
+        return
+    lr_scheduler.step_size = lr_drop
+    lr_scheduler.base_lrs = [lr for lr, _ in groups]
+    drops = lr_scheduler.last_epoch // lr_drop
+    for group, (lr, weight_decay) in zip(optimizer.param_groups, groups):
+        group.update(initial_lr=lr, weight_decay=weight_decay, lr=lr * lr_scheduler.gamma**drops)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -43,7 +43,8 @@ class Config:
         (post-processing over query x class).
     Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; images are resized to a
         shorter side in min_sizes (training) or eval_size (evaluation, predict), longer side at
-        most max_size.
+        most max_size; as in DETR the cap wins, so max_size alone shrinks every image
+        (smca.data.transforms.resized_size).
     """
 
     # model
@@ -110,10 +111,15 @@ class Config:
             raise ValueError(
                 f"hidden_dim ({self.hidden_dim}) must be divisible by 4 and by nheads ({self.nheads})"
             )
-        if self.max_size <= max((self.eval_size,) + self.min_sizes):
-            raise ValueError(
-                f"max_size ({self.max_size}) must exceed eval_size ({self.eval_size}) and every min_sizes entry"
-            )
+        for name in ("batch_size", "lr_drop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.min_sizes:
+            raise ValueError("min_sizes: expected at least one shorter side")
+        for name, value in (("max_size", self.max_size), ("eval_size", self.eval_size), ("min_sizes", self.min_sizes)):
+            if min(value if name == "min_sizes" else (value,)) < 1:
+                shown = list(value) if name == "min_sizes" else value
+                raise ValueError(f"{name}: expected sizes in pixels >= 1, got {shown}")
         if self.lr_backbone <= 0 and self.backbone_norm != "frozen":
             raise ValueError("lr_backbone <= 0 freezes the backbone, which needs backbone_norm 'frozen'")
         if self.dec_layers < 1 or self.num_queries < 1 or self.num_classes < 1:

@@ -233,15 +233,34 @@ def format_coco_summary(stats: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def _no_results(coco_gt):
+    """An empty pycocotools result set for coco_gt (its loadRes cannot build one from [])."""
+    from pycocotools.coco import COCO
+
+    results = COCO()
+    results.dataset = dict(
+        images=list(coco_gt.dataset["images"]), categories=list(coco_gt.dataset["categories"]), annotations=[]
+    )
+    results.createIndex()
+    return results
+
+
 def coco_evaluate(
     coco_gt, detections: List[Dict[str, Any]], image_ids: Sequence[int], backend: str = "auto", verbose: bool = True
 ) -> np.ndarray:
     """COCO box metrics of `detections` on the images `image_ids`; prints COCO's 12-line summary.
 
     coco_gt: a pycocotools COCO (its `.dataset` dict is read); detections: COCO result dicts
-    (image_id, category_id, bbox [x, y, w, h], score); backend: "faster_coco_eval",
+    (image_id, category_id, bbox [x, y, w, h] in pixels, score); backend: "faster_coco_eval",
     "pycocotools" or "auto" (faster_coco_eval when installed). Returns the 12 statistics
-    (COCO_STAT_NAMES); -1 where a statistic has no ground truth, as COCO reports it.
+    (COCO_STAT_NAMES), float64, computed by COCOeval: -1 where a statistic has no ground truth
+    (an area range without boxes; all twelve for images without any, or no images), else 0
+    where nothing was detected. Detections outside image_ids and of categories not in coco_gt
+    are ignored, as COCOeval ignores them.
+
+    Raises ValueError for image ids (in image_ids or detections) that coco_gt does not have
+    (pycocotools would fail an assert or count them as images without boxes) and for an
+    unknown backend.
     """
     if backend == "auto":
         try:
@@ -250,11 +269,18 @@ def coco_evaluate(
             backend = "faster_coco_eval"
         except ImportError:
             backend = "pycocotools"
+    if backend not in ("faster_coco_eval", "pycocotools"):
+        raise ValueError(f"backend: expected 'auto', 'faster_coco_eval' or 'pycocotools', got {backend!r}")
     image_ids = list(image_ids)
-    if not detections:
-        # COCO's loadRes cannot build a result set from nothing; no detection means no recall.
-        stats = np.zeros(12)
-    elif backend == "faster_coco_eval":
+    known = set(coco_gt.getImgIds())
+    for name, ids in (("image_ids", image_ids), ("detections", [d["image_id"] for d in detections])):
+        unknown = sorted(set(ids) - known)
+        if unknown:
+            raise ValueError(
+                f"{name}: image ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not in the ground truth "
+                f"({len(known)} images)"
+            )
+    if backend == "faster_coco_eval":
         from faster_coco_eval import COCO, COCOeval_faster
 
         gt = COCO(coco_gt.dataset)
@@ -264,19 +290,17 @@ def coco_evaluate(
         evaluator.accumulate()
         evaluator.summarize()
         stats = np.asarray(evaluator.stats[:12], dtype=np.float64)
-    elif backend == "pycocotools":
+    else:
         from pycocotools.cocoeval import COCOeval
 
         # pycocotools prints its progress and its own summary; ours (the same lines) follows.
         with contextlib.redirect_stdout(io.StringIO()):
-            evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections) if detections else _no_results(coco_gt), "bbox")
             evaluator.params.imgIds = image_ids
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
         stats = np.asarray(evaluator.stats[:12], dtype=np.float64)
-    else:
-        raise ValueError(f"backend: expected 'auto', 'faster_coco_eval' or 'pycocotools', got {backend!r}")
     if verbose:
         print(format_coco_summary(stats))
     return stats

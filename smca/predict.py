@@ -15,12 +15,12 @@ import os
 from typing import Dict, List, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2.functional import pil_to_tensor
+from PIL import Image
 from torchvision.ops import clip_boxes_to_image
 
 from .checkpoint import CheckpointError, load_checkpoint, restore
 from .config import Config
+from .data.image import ImageError, read_image
 from .visualize import draw_detections, plot_attention
 
 __all__ = ["ImageError", "load_model", "predict_files", "main"]
@@ -43,21 +43,6 @@ def load_model(checkpoint: str, device: str = "cpu", attention_backend: Optional
     return model.to(device).eval(), cfg, dict(state.get("categories", {}))
 
 
-class ImageError(ValueError):
-    """An input image is missing or cannot be decoded."""
-
-
-def _read_image(path: str) -> torch.Tensor:
-    """(3, H, W) uint8 RGB; ImageError for a missing or undecodable file."""
-    if not os.path.isfile(path):
-        raise ImageError(f"image {path!r} does not exist")
-    try:
-        with Image.open(path) as pil:
-            return pil_to_tensor(pil.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ImageError(f"cannot decode image {path!r}: {err}") from err
-
-
 def _output_names(paths: List[str]) -> List[str]:
     """File stems, made unique by an index where two images share one."""
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -77,12 +62,14 @@ def predict_files(
     """Run the model on image files and write the JSON, the PNGs and the attention pictures.
 
     Keeps the detections scoring above threshold, at most max_detections per image (the best).
+    Images are read as a person sees them (smca.data.image.read_image); ImageError names a file
+    that cannot be read.
     """
     os.makedirs(output_dir, exist_ok=True)
     device = next(model.parameters()).device
     report = {"threshold": threshold, "images": []}
     for path, name in zip(images, _output_names(images)):
-        image = _read_image(path)
+        image = read_image(path)
         pixels = image.to(device).float() / 255.0
         result = model.predict([pixels], threshold=threshold)[0]  # sorted by decreasing score
         result = {k: v[:max_detections] for k, v in result.items()}
@@ -139,8 +126,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     try:
         for path in args.images:
-            if not os.path.isfile(path):
-                raise ImageError(f"image {path!r} does not exist")
+            read_image(path)  # every image decodes before the model loads or anything is written
         model, _, categories = load_model(args.checkpoint, args.device, args.attention_backend)
         report = predict_files(
             model,

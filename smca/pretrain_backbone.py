@@ -28,7 +28,7 @@ from torchvision.ops import box_convert
 
 from .checkpoint import save_atomically
 from .config import BACKBONES, Config
-from .data import build_dataloader, build_dataset
+from .data import DatasetError, build_dataloader, build_dataset
 from .models.backbone import CHANNELS, STRIDES
 from .train import seed_everything
 
@@ -176,7 +176,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         seed=args.seed,
         device=args.device,
     )
-    final = pretrain_backbone(cfg, args.out, args.steps, args.lr)
+    try:
+        final = pretrain_backbone(cfg, args.out, args.steps, args.lr)
+    except DatasetError as err:
+        p.exit(2, f"smca.pretrain_backbone: error: {err}\n")
     print(f"wrote {args.out} (last steps: loss {final['loss']:.3f}, cell accuracy {final['accuracy']:.3f})")
 
 

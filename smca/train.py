@@ -8,18 +8,24 @@
 
 DETR's arguments, plus --model, --attention_backend, --amp, --max_size and --preset (a named
 set of defaults from smca.config.PRESETS that explicit flags override). num_classes defaults to
-the data's largest category id + 1.
+the data's largest category id + 1. --max_size caps the longer image side over --min_sizes and
+--eval_size, as DETR's resize does (a note says when it overrides them).
 
 Every epoch: train, evaluate on val (COCO's 12-line summary), append a JSON line to
-OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth. --resume continues from a
-checkpoint exactly. Input errors (missing data, malformed annotations, a checkpoint of another
-model) stop the run before anything in OUTPUT_DIR is written. A non-finite loss stops training
-(exit status 1) and leaves the last checkpoint as it was.
+OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth; the log's "step" counts
+optimizer steps since the run began. --resume continues from a checkpoint, exactly with the same
+flags; the run's own training settings (lr, lr_backbone, weight_decay, lr_drop, batch_size, seed,
+...) apply from its first epoch, and a note lists those that differ. Input errors (missing data,
+malformed annotations, a listed image file that is missing or not an image, a checkpoint of
+another model) stop the run before anything in OUTPUT_DIR is written. A non-finite loss stops
+training (exit status 1), and an image that turns out damaged when read (a truncated file) stops
+it (exit status 2) naming the file and image id; either leaves the last checkpoint as it was.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -30,9 +36,19 @@ import numpy as np
 import torch
 from smca_kernels.ops import BACKENDS
 
-from .checkpoint import CheckpointError, check_compatible, load_checkpoint, restore, rng_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    restore,
+    rng_state,
+    save_checkpoint,
+    set_schedule,
+    training_changes,
+)
 from .config import AMP_MODES, BACKBONE_NORMS, BACKBONES, MODELS, MODULATIONS, PRESETS, Config
 from .data import DatasetError, build_dataloader, build_dataset
+from .data.transforms import capped_sizes_note
 from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
 
@@ -87,12 +103,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=AMP_MODES, help="mixed precision of the forward pass")
     g = p.add_argument_group("data")
     g.add_argument("--coco_path", help="COCO-layout root: train2017/, val2017/, annotations/instances_*2017.json")
-    g.add_argument("--max_size", type=int, help="cap on the longer image side")
-    g.add_argument("--min_sizes", type=int, nargs="+", help="training shorter sides")
-    g.add_argument("--eval_size", type=int, help="evaluation shorter side")
+    g.add_argument(
+        "--max_size",
+        type=int,
+        help="cap on the longer image side; as in DETR it wins over --min_sizes and --eval_size, so it alone "
+        "shrinks the images",
+    )
+    g.add_argument("--min_sizes", type=int, nargs="+", help="training shorter sides (longer side capped at --max_size)")
+    g.add_argument("--eval_size", type=int, help="evaluation shorter side (longer side capped at --max_size)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", help="where to write log.txt and checkpoint.pth (nothing is saved without it)")
-    g.add_argument("--resume", help="checkpoint to continue from (with --eval: to evaluate)")
+    g.add_argument(
+        "--resume",
+        help="checkpoint to continue from (with --eval: to evaluate); this run's training settings apply "
+        "(a note lists those that differ from the checkpoint's), its architecture must match",
+    )
     g.add_argument("--eval", action="store_true", help="only evaluate on val2017 and print COCO's summary")
     g.add_argument(
         "--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard"
@@ -126,6 +151,29 @@ def _set_num_classes(cfg: Config, given: bool, categories: Dict[int, str]) -> No
         cfg.num_classes = needed
     elif cfg.num_classes < needed:
         raise DatasetError(f"--num_classes {cfg.num_classes} is too small: the data has category id {needed - 1}")
+
+
+def _steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
+    """Batches per process and epoch: DistributedSampler's ceil(num_images / world_size) images
+    (all of them for one process), in full batches (drop_last)."""
+    return math.ceil(num_images / world_size) // batch_size
+
+
+def _restored_step(state: Dict, start_epoch: int, num_images: int, main_process: bool) -> int:
+    """The optimizer steps a checkpoint was written after. A checkpoint from before they were kept
+    has none: estimated as start_epoch epochs at its own batch size and number of processes."""
+    if state.get("step") is not None:
+        return int(state["step"])
+    batch_size, processes = state["config"]["batch_size"], len(state["rng"])
+    step = start_epoch * _steps_per_epoch(num_images, batch_size, processes)
+    if main_process:
+        print(
+            f"{PROG}: note: the checkpoint does not record its step count (written by an older smca); "
+            f"estimated as {step}: {start_epoch} epochs of {num_images} images at batch size {batch_size} "
+            f"on {processes} process{'es' if processes > 1 else ''}",
+            file=sys.stderr,
+        )
+    return step
 
 
 def _trim_log(path: str, start_epoch: int) -> None:
@@ -180,6 +228,16 @@ def _ap_line(coco_stats: Optional[List[float]]) -> str:
     return ", ".join(f"{name} {value:.3f}" for name, value in zip(COCO_STAT_NAMES[:6], coco_stats[:6]))
 
 
+def _error_text(err: Exception) -> str:
+    """The error's own message: re-raised from a DataLoader worker process, it comes after the
+    worker's traceback."""
+    text = str(err).rstrip()
+    marker = f"{type(err).__name__}: "
+    if text.startswith(f"Caught {type(err).__name__} in DataLoader worker") and marker in text:
+        return text.rsplit(marker, 1)[1]
+    return text
+
+
 def run(cfg: Config, args: argparse.Namespace) -> None:
     """Everything main does after parsing; raises DatasetError, CheckpointError or NonFiniteLossError."""
     from .models import build_model  # the model stack is heavy; `--help` should not wait for it
@@ -194,6 +252,9 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     dataset_train = None if cfg.eval else build_dataset("train", cfg)
     categories = (dataset_train or dataset_val).categories
     _set_num_classes(cfg, args.num_classes is not None, categories)
+    note = capped_sizes_note((cfg.eval_size,) + (() if cfg.eval else cfg.min_sizes), cfg.max_size)
+    if note and main_process:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     state = None
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
@@ -236,11 +297,36 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     start_epoch = 0
+    step = 0  # optimizer steps taken so far, over every batch size the run had
     if state is not None:
+        # This run's settings win over the checkpoint's (its config.json and checkpoints record them).
+        run_schedule = [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+        same_seed = state["config"].get("seed") == cfg.seed
         start_epoch = restore(
-            state, model_without_ddp, optimizer, lr_scheduler, scaler, dist_info.rank, dist_info.world_size
+            state,
+            model_without_ddp,
+            optimizer,
+            lr_scheduler,
+            scaler,
+            dist_info.rank if same_seed else None,
+            dist_info.world_size,
         )
-        if dist_info.world_size != len(state["rng"]) and main_process:
+        set_schedule(optimizer, lr_scheduler, run_schedule, cfg.lr_drop)
+        step = _restored_step(state, start_epoch, len(dataset_train), main_process)
+        changes = training_changes(state, cfg)
+        if changes and main_process:
+            print(
+                f"{PROG}: note: resuming with settings that differ from the checkpoint's; they apply from epoch "
+                f"{start_epoch} on: " + "; ".join(changes),
+                file=sys.stderr,
+            )
+        if not same_seed and main_process:
+            print(
+                f"{PROG}: note: with seed {cfg.seed} the random generators restart from it instead of continuing "
+                "the checkpoint's (give the checkpoint's seed for an exact continuation)",
+                file=sys.stderr,
+            )
+        elif dist_info.world_size != len(state["rng"]) and main_process:
             print(
                 f"{PROG}: note: the checkpoint was written by {len(state['rng'])} processes, this run has "
                 f"{dist_info.world_size}: random generators start afresh",
@@ -260,7 +346,9 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
             tensorboard = _TensorBoard(output_dir)
     if main_process:
         todo = (
-            f"epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else f"all {cfg.epochs} epochs done"
+            f"epochs {start_epoch}..{cfg.epochs - 1}"
+            if start_epoch < cfg.epochs
+            else f"nothing to train ({start_epoch} epochs done, --epochs {cfg.epochs})"
         )
         print(
             f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
@@ -281,13 +369,14 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
             train_stats = train_one_epoch(
                 model, criterion, loader_train, optimizer, device, epoch, cfg.clip_max_norm, cfg.amp, scaler, progress
             )
+            step += len(loader_train)  # train_one_epoch takes one optimizer step per batch
             lr_scheduler.step()
             test_stats = evaluate(model, criterion, postprocessor, loader_val, device, cfg.amp, progress)
             log = {
                 **{f"train_{k}": v for k, v in train_stats.items()},
                 **{f"test_{k}": v for k, v in test_stats.items()},
                 "epoch": epoch,
-                "step": (epoch + 1) * len(loader_train),  # optimizer steps so far
+                "step": step,
                 "n_parameters": n_parameters,
                 "epoch_time": time.time() - start,
             }
@@ -307,6 +396,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
                     lr_scheduler=lr_scheduler,
                     epoch=epoch,
                     cfg=cfg,
+                    step=step,
                     scaler=scaler,
                     categories=categories,
                     rng_states=rng_states,
@@ -323,6 +413,13 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
                 f"{err}. The last good checkpoint, {checkpoint_path}, is left as it was."
             ) from None
         raise NonFiniteLossError(f"{err}. No checkpoint was written.") from None
+    except DatasetError as err:  # an image that only decoding shows damaged (smca.data.coco)
+        if checkpoint_path and os.path.isfile(checkpoint_path):
+            raise DatasetError(
+                f"{_error_text(err)}. The last checkpoint, {checkpoint_path}, is left as it was: fix the file "
+                f"(or take it out of the annotations), then continue with --resume {checkpoint_path}"
+            ) from None
+        raise DatasetError(f"{_error_text(err)}. No checkpoint was written.") from None
     finally:
         if tensorboard is not None:
             tensorboard.close()
@@ -340,7 +437,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         run(cfg, args)
     except (DatasetError, CheckpointError) as err:
-        parser.exit(2, f"{PROG}: error: {err}\n")
+        parser.exit(2, f"{PROG}: error: {_error_text(err)}\n")
     except NonFiniteLossError as err:
         parser.exit(1, f"{PROG}: {err}\n")
     finally:

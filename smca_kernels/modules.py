@@ -21,12 +21,31 @@ def _as_level_list(spatial_shapes) -> list:
     return [tuple(shape) for shape in spatial_shapes]
 
 
+def _as_bool_padding_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A key_padding_mask as nn.MultiheadAttention takes it (bool, True = padding; or float,
+    added to the scores) -> bool. A float mask must be 0 (keep) or -inf (padding): the fused
+    kernels mask keys, they do not add a bias."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"key_padding_mask: expected a bool or float mask, got dtype {mask.dtype}")
+    padding = mask == float("-inf")
+    if not (padding | (mask == 0)).all():
+        raise NotImplementedError(
+            "key_padding_mask: a float mask must hold 0 (keep) or -inf (padding); "
+            "an additive bias with other values is not implemented"
+        )
+    return padding
+
+
 class SMCAAttention(nn.MultiheadAttention):
     """Multi-head co-attention with a Gaussian spatial prior per query (SMCA).
 
     Same constructor arguments and parameters (in_proj_weight or q/k/v_proj_weight,
-    in_proj_bias, out_proj) as nn.MultiheadAttention, so a MultiheadAttention state dict loads.
-    The keys are the cells of one feature map (Gaussian-modulated co-attention) or of several
+    in_proj_bias, out_proj) as nn.MultiheadAttention, so a MultiheadAttention state dict loads,
+    and forward takes nn.MultiheadAttention.forward's arguments in its order (attn_mask must be
+    None and is_causal False; need_weights defaults to False), the prior as keywords. The keys
+    are the cells of one feature map (Gaussian-modulated co-attention) or of several
     concatenated maps (scale-selective co-attention, when `alpha` is given).
 
     Args:
@@ -91,31 +110,78 @@ class SMCAAttention(nn.MultiheadAttention):
         key: Tensor,
         value: Tensor,
         key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
         *,
         centers: Optional[Tensor] = None,
         precision: Optional[Tensor] = None,
-        spatial_shapes: Union[Tuple[int, int], Sequence[Tuple[int, int]], Tensor],
+        spatial_shapes: Union[None, Tuple[int, int], Sequence[Tuple[int, int]], Tensor] = None,
         alpha: Optional[Tensor] = None,
-        need_weights: bool = False,
-        average_attn_weights: bool = True,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """
+        """nn.MultiheadAttention.forward's arguments, in its order, plus the SMCA prior (keywords).
+
         Args:
-            query: (Nq, B, E) ((B, Nq, E) with batch_first).
-            key, value: (L, B, kdim/vdim) ((B, L, .) with batch_first); L = sum of Hf * Wf.
-            key_padding_mask: (B, L) bool, True = padding.
-            centers: (B, H or 1, Nq, 2) for one level or (B, H or 1, Nq, S, 2), in each level's
-                grid cells (x, y); a head axis of 1 is shared by all heads. None (with
-                precision None) gives plain attention: the DETR baseline on the same kernel.
+            query: (Nq, B, E) ((B, Nq, E) with batch_first), or (Nq, E) unbatched.
+            key, value: (L, B, kdim/vdim) ((B, L, .) with batch_first), or (L, kdim/vdim)
+                unbatched; L = sum of Hf * Wf.
+            key_padding_mask: (B, L) ((L,) unbatched), bool (True = padding) or float (0 = keep,
+                -inf = padding, as nn.MultiheadAttention takes it).
+            need_weights: also return the attention weights (materialised by the reference, so
+                off by default: nn.MultiheadAttention's default is True).
+            attn_mask: must be None: a per-query mask is not implemented (NotImplementedError).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: must be False (NotImplementedError): the keys are feature-map cells.
+            centers: (B, H or 1, Nq, 2) for one level or (B, H or 1, Nq, S, 2) (no B axis for
+                unbatched input), in each level's grid cells (x, y); a head axis of 1 is shared by
+                all heads. None (with precision None) gives plain attention: the DETR baseline on
+                the same kernel.
             precision: like centers, the bandwidth already folded in (a / sqrt(beta)).
-            spatial_shapes: (Hf, Wf) or [(Hf_0, Wf_0), ...].
+            spatial_shapes: (Hf, Wf) or [(Hf_0, Wf_0), ...]; required with centers or alpha.
+                None: plain attention over the L keys as one level.
             alpha: (B, H or 1, Nq, S) level weights (already a softmax over levels); given, the
                 levels are mixed by scale-selective co-attention, else there must be one level.
-            need_weights: also return the attention weights (materialised by the reference).
-            average_attn_weights: average the weights over heads.
         Returns:
-            (output (Nq, B, E) or (B, Nq, E), weights (B, Nq, L) / (B, H, Nq, L) or None)
+            (output (Nq, B, E) or (B, Nq, E) ((Nq, E) unbatched), weights (B, Nq, L), or
+            (B, H, Nq, L) with average_attn_weights False (no B axis unbatched), or None).
+            The weights are those before attention dropout.
+        Raises:
+            NotImplementedError: attn_mask given, is_causal True, or a float key_padding_mask
+                with values other than 0 and -inf.
+            ValueError, TypeError: shapes or dtypes that do not fit, naming the argument.
+
+        Where it differs from nn.MultiheadAttention: need_weights defaults to False; the
+        weights returned in training are those before dropout; a query whose keys are all
+        padding attends to nothing (zero attention output, so out_proj's bias; nn.MultiheadAttention
+        gives NaN outside its inference fast path).
         """
+        if attn_mask is not None:
+            raise NotImplementedError(
+                "attn_mask: SMCAAttention masks keys only (key_padding_mask); a per-query attention mask "
+                f"(got shape {tuple(attn_mask.shape)}) is not implemented: pass attn_mask=None"
+            )
+        if is_causal:
+            raise NotImplementedError(
+                "is_causal=True: causal attention is not implemented (SMCAAttention's keys are feature-map cells)"
+            )
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                "query, key, value: expected all 3-D (batched) or all 2-D (unbatched), got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        batched = query.dim() == 3
+        if not batched:  # a batch of one, removed again from the results
+            batch_dim = 0 if self.batch_first else 1
+            query, key, value = query.unsqueeze(batch_dim), key.unsqueeze(batch_dim), value.unsqueeze(batch_dim)
+            key_padding_mask, centers, precision, alpha = (
+                None if t is None else t.unsqueeze(0) for t in (key_padding_mask, centers, precision, alpha)
+            )
+        key_padding_mask = _as_bool_padding_mask(key_padding_mask)
+        if spatial_shapes is None:
+            if centers is not None or precision is not None or alpha is not None:
+                raise ValueError("spatial_shapes: required with centers, precision or alpha")
+            spatial_shapes = (1, key.shape[1 if self.batch_first else 0])
         if (centers is None) != (precision is None):
             raise ValueError("centers and precision: give both (SMCA) or neither (plain attention)")
         shapes = _as_level_list(spatial_shapes)
@@ -145,6 +211,8 @@ class SMCAAttention(nn.MultiheadAttention):
             )
         out = out.transpose(1, 2).reshape(batch, queries, self.embed_dim)  # (B, Nq, E)
         out = self.out_proj(out if self.batch_first else out.transpose(0, 1))
+        if not batched:
+            out = out.squeeze(batch_dim)
         weights = None
         if need_weights:
             coord_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -154,4 +222,6 @@ class SMCAAttention(nn.MultiheadAttention):
             )
             if average_attn_weights:
                 weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
         return out, weights

@@ -4,6 +4,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -278,3 +280,290 @@ def test_bad_box_is_a_clear_error(data_root, tmp_path, bbox, message):
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
     with pytest.raises(DatasetError, match=message):
         build_dataset("val", _cfg(root))
+
+
+# Bad data found at build time and named; images read as they look (smca.data.image).
+
+
+def _small_set(tmp_path, num_images=2, split="val"):
+    """A COCO root with `num_images` 40x30 RGB PNGs in split2017/ and their instances dict (one
+    box each); write it with _write_annotations after changing it."""
+    root = tmp_path / "small"
+    for folder in ("train2017", "val2017", "annotations"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(1, num_images + 1):
+        Image.new("RGB", (40, 30), (10 * i, 20, 30)).save(root / f"{split}2017" / f"{i}.png")
+        images.append(dict(id=i, file_name=f"{i}.png", width=40, height=30))
+        annotations.append(dict(id=i, image_id=i, category_id=1, bbox=[2, 3, 20, 10], area=200, iscrowd=0))
+    coco = dict(images=images, annotations=annotations, categories=[dict(id=1, name="thing")])
+    return root, coco
+
+
+def _write_annotations(root, coco, split="val"):
+    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+    return root
+
+
+def _build(root, split="val"):
+    return build_dataset(split, _cfg(root))
+
+
+@pytest.mark.parametrize(
+    "image_id", ["img_1", "1", 1.5, True, None, [1], 2**63], ids=lambda v: type(v).__name__ + repr(v)[:8]
+)
+def test_image_id_that_is_not_an_integer_is_a_clear_error(tmp_path, image_id):
+    root, coco = _small_set(tmp_path)
+    coco["images"][1]["id"] = image_id
+    coco["annotations"][1]["image_id"] = image_id
+    _write_annotations(root, coco)
+    with pytest.raises(DatasetError, match=f"image '2.png' has id .*; COCO image ids are integers"):
+        _build(root)
+
+
+def test_missing_image_id_is_a_clear_error(tmp_path):
+    root, coco = _small_set(tmp_path)
+    del coco["images"][1]["id"]
+    _write_annotations(root, coco)
+    with pytest.raises(DatasetError, match="image '2.png' has id None; COCO image ids are integers"):
+        _build(root)
+
+
+def test_whole_float_ids_are_integers(tmp_path):
+    """1.0 (as some converters write) is id 1: the sample's image_id and COCO's evaluation (whose
+    faster_coco_eval backend refuses float annotation ids) both work."""
+    from smca.engine import coco_evaluate
+
+    root, coco = _small_set(tmp_path)
+    for ann in coco["annotations"]:
+        ann["id"], ann["image_id"], ann["category_id"] = float(ann["id"]), float(ann["image_id"]), 1.0
+    for image in coco["images"]:
+        image["id"] = float(image["id"])
+    coco["categories"][0]["id"] = 1.0
+    dataset = _build(_write_annotations(root, coco))
+    assert dataset.ids == [1, 2] and dataset[1][1]["image_id"].item() == 2
+    truth = [dict(image_id=i, category_id=1, bbox=[2, 3, 20, 10], score=1.0) for i in (1, 2)]
+    for backend in ("pycocotools", "faster_coco_eval"):
+        assert coco_evaluate(dataset.coco, truth, dataset.ids, backend=backend, verbose=False)[0] == 1.0
+
+
+def _edit(coco, case):
+    """Break `coco` in place the way `case` names."""
+    images, annotations, categories = coco["images"], coco["annotations"], coco["categories"]
+    if case == "duplicate_image_id":
+        images[1]["id"] = 1
+    elif case == "images_not_a_list":
+        coco["images"] = {"1": images[0]}
+    elif case == "image_not_an_object":
+        images[1] = "2.png"
+    elif case == "no_file_name":
+        del images[1]["file_name"]
+    elif case == "file_name_not_a_string":
+        images[1]["file_name"] = 2
+    elif case == "annotation_on_unknown_image":
+        annotations[1]["image_id"] = 99
+    elif case == "annotation_on_string_image_id":
+        annotations[1]["image_id"] = "2"
+    elif case == "duplicate_annotation_id":
+        annotations[1]["id"] = 1
+    elif case == "annotation_without_id":
+        del annotations[1]["id"]
+    elif case == "annotation_with_string_id":
+        annotations[1]["id"] = "a2"
+    elif case == "unknown_category":
+        annotations[1]["category_id"] = 7
+    elif case == "string_iscrowd":
+        annotations[1]["iscrowd"] = "0"
+    elif case == "string_area":
+        annotations[1]["area"] = "200"
+    elif case == "negative_area":
+        annotations[1]["area"] = -1
+    elif case == "no_categories":
+        del coco["categories"]
+    elif case == "string_category_id":
+        categories[0]["id"] = "thing"
+    elif case == "negative_category_id":
+        categories[0]["id"] = -1
+        for ann in annotations:
+            ann["category_id"] = -1
+    elif case == "duplicate_category_id":
+        categories.append(dict(id=1, name="other"))
+    elif case == "category_without_name":
+        del categories[0]["name"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("duplicate_image_id", r"image id 1 is listed twice \('1.png', '2.png'\)"),
+        ("images_not_a_list", "'images' must be a list of JSON objects"),
+        ("image_not_an_object", "'images' must be a list of JSON objects"),
+        ("no_file_name", "image id 2: file_name must be a file name, got None"),
+        ("file_name_not_a_string", "image id 2: file_name must be a file name, got 2"),
+        ("annotation_on_unknown_image", "annotation 2 of image 99: image_id 99 is not among the listed images"),
+        ("annotation_on_string_image_id", "annotation 2 of image '2': image_id '2' is not among the listed images"),
+        ("duplicate_annotation_id", "annotation 1 of image 2: annotation id 1 is used twice"),
+        ("annotation_without_id", "annotation None of image 2: COCO annotation ids are integers"),
+        ("annotation_with_string_id", "annotation 'a2' of image 2: COCO annotation ids are integers"),
+        ("unknown_category", "category_id 7 is not among the listed categories"),
+        ("string_iscrowd", "annotation 2 of image 2: iscrowd must be 0 or 1, got '0'"),
+        ("string_area", "annotation 2 of image 2: area must be a finite number >= 0, got '200'"),
+        ("negative_area", "area must be a finite number >= 0, got -1"),
+        ("no_categories", "no categories listed"),
+        ("string_category_id", r"category 'thing' has id 'thing'; expected an integer >= 0"),
+        ("negative_category_id", r"category 'thing' has id -1; expected an integer >= 0"),
+        ("duplicate_category_id", "category id 1 is listed twice"),
+        ("category_without_name", "category id 1: name must be a string, got None"),
+    ],
+)
+def test_malformed_entry_is_a_clear_error(tmp_path, case, message):
+    root, coco = _small_set(tmp_path)
+    _edit(coco, case)
+    _write_annotations(root, coco)
+    with pytest.raises(DatasetError, match=message) as error:
+        _build(root)
+    assert str(error.value).startswith(str(root / "annotations" / "instances_val2017.json"))
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_missing_area_and_iscrowd_are_filled_for_the_evaluation(tmp_path, backend):
+    """Without them pycocotools' evaluation fails with a KeyError after an epoch, and
+    faster_coco_eval counts a 40x40 box as small; its box area makes it medium."""
+    from smca.engine import coco_evaluate
+
+    root, coco = _small_set(tmp_path)
+    for ann in coco["annotations"]:
+        ann["bbox"] = [0, 0, 40, 30]  # 1200 pixels: medium (32^2 .. 96^2)
+        del ann["area"], ann["iscrowd"]
+    dataset = _build(_write_annotations(root, coco))
+    assert [a["area"] for a in dataset.coco.dataset["annotations"]] == [1200, 1200]
+    truth = [dict(image_id=i, category_id=1, bbox=[0, 0, 40, 30], score=1.0) for i in (1, 2)]
+    stats = coco_evaluate(dataset.coco, truth, dataset.ids, backend=backend, verbose=False)
+    assert stats[0] == 1.0 and stats[3] == -1 and stats[4] == 1.0  # AP, APs (none), APm
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", r"is empty \(0 bytes\)"),
+        ("not_an_image", "cannot be opened as an image"),
+        ("folder", "is not a file"),
+        ("float_pixels", r"has 32-bit floating-point pixels \(PIL mode F\)"),
+    ],
+)
+def test_unreadable_image_file_is_found_at_build_time(tmp_path, kind, message):
+    root, coco = _small_set(tmp_path)
+    path = root / "val2017" / "2.png"
+    path.unlink()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not_an_image":
+        path.write_text("<html>404 Not Found</html>")
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "float_pixels":
+        Image.new("F", (40, 30), 0.5).save(path, format="TIFF")
+    _write_annotations(root, coco)
+    ann_file = root / "annotations" / "instances_val2017.json"
+    with pytest.raises(DatasetError) as error:
+        _build(root)
+    text = str(error.value)
+    assert text.startswith(f"{ann_file}: 1 of the 2 listed images cannot be read: image id 2: image '{path}' ")
+    assert re.search(message, text)
+
+
+def test_many_missing_image_files_are_counted(tmp_path):
+    root, coco = _small_set(tmp_path, num_images=8)
+    for i in range(2, 9):
+        (root / "val2017" / f"{i}.png").unlink()
+    _write_annotations(root, coco)
+    with pytest.raises(DatasetError, match="7 of the 8 listed images cannot be read: image id 2: ") as error:
+        _build(root)
+    named = re.findall(r"image id (\d+): image '[^']*' does not exist", str(error.value))
+    assert named == ["2", "3", "4", "5", "6"] and str(error.value).endswith("; and 2 more")
+
+
+@pytest.mark.parametrize("name", ["2.png", "2.jpg"])
+def test_truncated_image_names_file_and_id_when_read(tmp_path, name):
+    """Only decoding shows a truncated file: the data set builds, reading the sample raises
+    DatasetError with the file and the image id (through a loader's worker process:
+    test_train.py)."""
+    root, coco = _small_set(tmp_path)
+    path = root / "val2017" / name
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    coco["images"][1]["file_name"] = name
+    dataset = _build(_write_annotations(root, coco))
+    expected = f"image id 2: image '{path}' cannot be decoded (OSError: image file is truncated"
+    loader = build_dataloader(dataset, batch_size=2, num_workers=0, train=False)
+    with pytest.raises(DatasetError) as error:
+        next(iter(loader))
+    assert f"instances_val2017.json: {expected}" in str(error.value)
+
+
+def test_listed_size_that_differs_is_a_warning_and_the_file_wins(tmp_path):
+    root, coco = _small_set(tmp_path, num_images=3)
+    for image in coco["images"][1:]:
+        image["width"], image["height"] = 30, 40
+    _write_annotations(root, coco)
+    message = r"2 of the 3 images differ in size .* image id 2, '2.png', is 40x30 as displayed"
+    with pytest.warns(UserWarning, match=message):
+        dataset = _build(root)
+    assert dataset[1][1]["orig_size"].tolist() == [30, 40]
+
+
+def test_exif_rotated_image_is_upright_with_its_boxes(tmp_path):
+    """A photo stored sideways (EXIF orientation 6) and listed, and annotated, as displayed."""
+    root, coco = _small_set(tmp_path, num_images=1)
+    stored = np.zeros((30, 40, 3), dtype=np.uint8)  # 40 wide as stored, 30 wide as displayed
+    stored[:, :20] = 255  # stored left half white: the displayed top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "val2017" / "1.png", exif=exif.tobytes())
+    coco["images"][0].update(width=30, height=40)
+    coco["annotations"][0]["bbox"] = [0, 0, 30, 20]  # the white half
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = _build(_write_annotations(root, coco))
+    image, target = dataset[0]
+    assert target["orig_size"].tolist() == [40, 30]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.5, 0.25, 1.0, 0.5]]))
+    height = image.shape[1]
+    assert image[:, : height // 2 - 2].mean() > image[:, height // 2 + 2 :].mean() + 3  # white above black
+
+
+def test_16_bit_image_is_not_white(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) reads as the 8-bit one of value / 257, not as white."""
+    root, coco = _small_set(tmp_path, num_images=2)
+    ramp = np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50
+    Image.fromarray(ramp).save(root / "val2017" / "1.png")
+    eight_bit = (ramp.astype(np.int64) * 255 + 32767) // 65535  # value / 257, rounded
+    Image.fromarray(eight_bit.astype(np.uint8)).save(root / "val2017" / "2.png")
+    dataset = _build(_write_annotations(root, coco))
+    with Image.open(root / "val2017" / "1.png") as opened:
+        assert opened.mode == "I;16"
+    assert torch.equal(dataset[0][0], dataset[1][0])
+
+
+def test_pretrain_backbone_names_bad_data(tmp_path, capsys):
+    from smca import pretrain_backbone
+
+    root, coco = _small_set(tmp_path, split="train")
+    coco["images"][0]["id"] = "img_1"
+    _write_annotations(root, coco, split="train")
+    out = tmp_path / "backbone.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_backbone.main(["--coco_path", str(root), "--out", str(out), "--device", "cpu", "--num_workers", "0"])
+    assert exit_info.value.code == 2
+    assert "image '1.png' has id 'img_1'; COCO image ids are integers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_annotation_file_with_a_byte_order_mark_reads(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark, which json refuses by default."""
+    root, coco = _small_set(tmp_path)
+    coco["categories"][0]["name"] = "Fahrrad-Straße"
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco), encoding="utf-8-sig")
+    assert _build(root).categories == {1: "Fahrrad-Straße"}

@@ -83,9 +83,89 @@ def test_backends_agree_on_noisy_detections(val_set):
     torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=1e-6, rtol=0)
 
 
-def test_no_detections_is_zero(val_set):
-    stats = coco_evaluate(val_set.coco, [], val_set.ids, verbose=False)
-    assert (stats == 0).all()
+def _coco(boxes):
+    """A pycocotools COCO of two 200 x 200 images, category 1 and 2, and the given
+    (image_id, [x, y, w, h]) boxes of category 1."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dict(
+        images=[dict(id=i, width=200, height=200, file_name=f"{i}.png") for i in (1, 2)],
+        categories=[dict(id=1, name="a"), dict(id=2, name="b")],
+        annotations=[
+            dict(id=n + 1, image_id=i, category_id=1, bbox=list(b), area=b[2] * b[3], iscrowd=0)
+            for n, (i, b) in enumerate(boxes)
+        ],
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+SMALL, MEDIUM, LARGE = [10, 10, 20, 20], [50, 50, 60, 60], [0, 0, 150, 150]  # areas 400, 3600, 22500
+MISSING = -1.0  # COCO's value for a statistic without ground truth
+
+
+def _stats(area_value, all_value):
+    """The 12 statistics with `all_value` for the all-area ones and area_value[range] for the rest."""
+    s, m, l = (area_value[r] for r in ("small", "medium", "large"))
+    return [all_value] * 3 + [s, m, l] + [all_value] * 3 + [s, m, l]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "boxes, image_ids, expected",
+    [
+        # ground truth in the medium range only: no detection gives 0 there, -1 where there is none
+        ([(1, MEDIUM)], [1, 2], _stats(dict(small=MISSING, medium=0.0, large=MISSING), 0.0)),
+        ([(1, SMALL), (2, LARGE)], [1, 2], _stats(dict(small=0.0, medium=MISSING, large=0.0), 0.0)),
+        ([(1, SMALL), (1, MEDIUM), (2, LARGE)], [1, 2], [0.0] * 12),
+        ([], [1, 2], [MISSING] * 12),  # no ground truth at all
+        ([(1, MEDIUM)], [2], [MISSING] * 12),  # none on the images evaluated
+        ([(1, MEDIUM)], [], [MISSING] * 12),  # no images
+    ],
+)
+def test_no_detections_is_zero_where_there_is_ground_truth_else_missing(backend, boxes, image_ids, expected):
+    _require(backend)
+    stats = coco_evaluate(_coco(boxes), [], image_ids, backend=backend, verbose=False)
+    assert stats.tolist() == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_detections_without_ground_truth_are_missing_not_zero(backend):
+    _require(backend)
+    detections = [dict(image_id=1, category_id=1, bbox=MEDIUM, score=0.9)]
+    assert coco_evaluate(_coco([]), detections, [1, 2], backend=backend, verbose=False).tolist() == [MISSING] * 12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_detections_outside_the_images_or_categories_are_ignored(backend):
+    _require(backend)
+    coco = _coco([(1, MEDIUM)])
+    hit = dict(image_id=1, category_id=1, bbox=MEDIUM, score=0.9)
+    expected = coco_evaluate(coco, [dict(hit)], [1], backend=backend, verbose=False).tolist()
+    assert expected == pytest.approx(_stats(dict(small=MISSING, medium=1.0, large=MISSING), 1.0))
+    others = [dict(hit, image_id=2), dict(hit, category_id=2), dict(hit, category_id=77)]
+    assert coco_evaluate(coco, [dict(hit)] + others, [1], backend=backend, verbose=False).tolist() == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["detections", "image_ids"])
+def test_unknown_image_ids_are_a_clear_error(backend, where):
+    _require(backend)
+    detections = [dict(image_id=1, category_id=1, bbox=MEDIUM, score=0.9)]
+    image_ids = [1, 2]
+    if where == "detections":
+        detections.append(dict(detections[0], image_id=99))
+    else:
+        image_ids.append(99)
+    with pytest.raises(ValueError, match=rf"{where}: image ids \[99\] are not in the ground truth"):
+        coco_evaluate(_coco([(1, MEDIUM)]), detections, image_ids, backend=backend, verbose=False)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend: expected 'auto'"):
+        coco_evaluate(_coco([]), [], [1], backend="cocoapi", verbose=False)
 
 
 def test_summary_matches_pycocotools(val_set, capsys):

@@ -90,3 +90,120 @@ def test_module_errors():
         module(x["query"], x["key"], x["key"], centers=x["centers"][:, :, :3], precision=x["precision"], spatial_shapes=[(3, 5), (1, 2)], alpha=x["alpha"])
     with pytest.raises(ValueError, match="backend: expected one of"):
         sk.SMCAAttention(32, 4, backend="fastest")
+
+
+def _mha_inputs(batch_first, batched=True, B=2, nq=5, L=12, kdim=None):
+    g = torch.Generator().manual_seed(3)
+
+    def seq(n, dim):
+        if not batched:
+            return torch.randn(n, dim, generator=g)
+        return torch.randn(B, n, dim, generator=g) if batch_first else torch.randn(n, B, dim, generator=g)
+
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[-1, 7:] = True
+    return seq(nq, 32), seq(L, kdim or 32), seq(L, kdim or 32), mask if batched else mask[-1]
+
+
+# nn.MultiheadAttention.forward's signature: (query, key, value, key_padding_mask=None,
+# need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False).
+CALLS = {
+    "positional": lambda m, q, k, v, mask: m(q, k, v, mask, True, None, True, False),
+    "keywords": lambda m, q, k, v, mask: m(
+        q, k, v, key_padding_mask=mask, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False
+    ),
+    "per_head_weights": lambda m, q, k, v, mask: m(q, k, v, mask, True, average_attn_weights=False),
+    "float_padding_mask": lambda m, q, k, v, mask: m(
+        q, k, v, torch.zeros(mask.shape).masked_fill(mask, float("-inf")), need_weights=True
+    ),
+    "no_mask_no_weights": lambda m, q, k, v, mask: m(q, k, v, need_weights=False, attn_mask=None),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+def test_multihead_attention_calls(call, batch_first, batched):
+    """Every nn.MultiheadAttention.forward argument, positionally or by keyword, batched or not,
+    gives nn.MultiheadAttention's output and weights (no spatial_shapes needed without a prior)."""
+    mha, smca = _pair(batch_first, kdim=24)
+    mha.eval(), smca.eval()
+    q, k, v, mask = _mha_inputs(batch_first, batched, kdim=24)
+    expected, expected_w = CALLS[call](mha, q, k, v, mask)
+    actual, actual_w = CALLS[call](smca, q, k, v, mask)
+    torch.testing.assert_close(actual, expected)
+    if expected_w is None:
+        assert actual_w is None
+    else:
+        torch.testing.assert_close(actual_w, expected_w)
+
+
+def test_need_weights_defaults_to_false():
+    """The one default that differs from nn.MultiheadAttention (the weights are materialised)."""
+    _, smca = _pair()
+    q, k, v, _ = _mha_inputs(batch_first=False)
+    out, weights = smca(q, k, v)
+    assert weights is None and out.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(attn_mask=torch.zeros(5, 12, dtype=torch.bool)), NotImplementedError, "attn_mask: .* pass attn_mask=None"),
+        (dict(attn_mask=torch.zeros(5, 12)), NotImplementedError, "attn_mask"),
+        (dict(attn_mask=torch.zeros(8, 5, 12, dtype=torch.bool)), NotImplementedError, "attn_mask"),
+        (dict(attn_mask=torch.zeros(5, 12, dtype=torch.bool), is_causal=True), NotImplementedError, "attn_mask"),
+        (dict(is_causal=True), NotImplementedError, "is_causal=True"),
+        (dict(key_padding_mask=torch.full((2, 12), -1.0)), NotImplementedError, "key_padding_mask: a float mask"),
+        (dict(key_padding_mask=torch.zeros(2, 12, dtype=torch.int64)), TypeError, "key_padding_mask: expected a bool"),
+        (dict(centers=torch.zeros(2, 4, 5, 2), precision=torch.ones(2, 4, 5, 2)), ValueError, "spatial_shapes: required"),
+    ],
+)
+def test_unsupported_arguments_are_clear_errors(kwargs, error, message):
+    _, smca = _pair()
+    q, k, v, _ = _mha_inputs(batch_first=False)
+    with pytest.raises(error, match=message):
+        smca(q, k, v, **kwargs)
+
+
+def test_mixed_batched_and_unbatched_inputs_are_an_error():
+    _, smca = _pair()
+    q, k, v, _ = _mha_inputs(batch_first=False)
+    with pytest.raises(ValueError, match="query, key, value: expected all 3-D"):
+        smca(q[:, 0], k, v)
+
+
+def test_unbatched_prior_is_the_batch_of_one():
+    """Unbatched input with centres, precision and alpha without their B axis: the batched
+    result of a batch of one, without its B axis."""
+    module = sk.SMCAAttention(32, 4)
+    levels = [(4, 5), (2, 3)]
+    x = _module_inputs(levels, head_shared=False, B=1)
+    prior = dict(centers=x["centers"], precision=x["precision"], spatial_shapes=levels, alpha=x["alpha"])
+    out, weights = module(x["query"], x["key"], x["key"], x["mask"], True, average_attn_weights=False, **prior)
+    unbatched = {k: v[0] if isinstance(v, torch.Tensor) else v for k, v in prior.items()}
+    out1, weights1 = module(
+        x["query"][:, 0], x["key"][:, 0], x["key"][:, 0], x["mask"][0], True, average_attn_weights=False, **unbatched
+    )
+    torch.testing.assert_close(out1, out[:, 0])
+    torch.testing.assert_close(weights1, weights[0])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_drop_in_for_torch_transformer_layers(batch_first):
+    """Swapped into nn.TransformerEncoderLayer / nn.TransformerDecoderLayer (which pass attn_mask,
+    key_padding_mask, need_weights and is_causal by keyword), the layers compute what they did."""
+    torch.manual_seed(0)
+    kw = dict(dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+    layers = [(nn.TransformerEncoderLayer(32, 4, **kw), "self_attn"), (nn.TransformerDecoderLayer(32, 4, **kw), "multihead_attn")]
+    x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    memory = torch.randn(2, 9, 32) if batch_first else torch.randn(9, 2, 32)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 5:] = True
+    run = [lambda layer: layer(x), lambda layer: layer(x, memory, memory_key_padding_mask=mask)]
+    for (layer, name), call in zip(layers, run):
+        expected = call(layer)  # train mode: no fused fast path, the attention module is called
+        swapped = sk.SMCAAttention(32, 4, batch_first=batch_first, backend="cpu")
+        swapped.load_state_dict(getattr(layer, name).state_dict())
+        setattr(layer, name, swapped)
+        torch.testing.assert_close(call(layer), expected)

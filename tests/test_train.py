@@ -312,10 +312,19 @@ def _write_data(tmp_path, data_root, train_annotations):
     return str(root)
 
 
-def _negative_box_annotations(data_root):
+def _broken_annotations(data_root, case):
+    """The training annotations of data_root with one thing broken, as JSON text."""
     with open(os.path.join(data_root, "annotations", "instances_train2017.json")) as f:
         coco = json.load(f)
-    coco["annotations"][1]["bbox"][3] = -2
+    if case == "negative_box":
+        coco["annotations"][1]["bbox"][3] = -2
+    elif case == "string_image_ids":  # as some converters write
+        for entry in coco["images"]:
+            entry["id"] = f"img_{entry['id']}"
+        for ann in coco["annotations"]:
+            ann["image_id"] = f"img_{ann['image_id']}"
+    elif case == "missing_image_file":
+        coco["images"][3]["file_name"] = "not_there.png"
     return json.dumps(coco)
 
 
@@ -325,6 +334,8 @@ def _negative_box_annotations(data_root):
         ("missing_data", "does not exist"),
         ("invalid_json", "not a valid COCO annotation file"),
         ("negative_box", "negative width or height"),
+        ("string_image_ids", "has id 'img_1'; COCO image ids are integers"),
+        ("missing_image_file", "1 of the 8 listed images cannot be read: image id 4: image '"),
         ("other_model", "another model or configuration: model: checkpoint 'smca', run 'detr'"),
         ("other_size", "hidden_dim: checkpoint 32, run 64"),
         ("corrupt_checkpoint", "corrupt, truncated"),
@@ -342,8 +353,8 @@ def test_bad_input_is_a_clear_error_and_touches_no_output(data_root, existing_ou
         argv += [str(tmp_path / "no_such_dir")]
     elif case == "invalid_json":
         argv += [_write_data(tmp_path, data_root, '{"images": [{"id": 1,')]
-    elif case == "negative_box":
-        argv += [_write_data(tmp_path, data_root, _negative_box_annotations(data_root))]
+    elif case in ("negative_box", "string_image_ids", "missing_image_file"):
+        argv += [_write_data(tmp_path, data_root, _broken_annotations(data_root, case))]
     else:
         argv += [data_root]
         if case == "other_model":
@@ -415,3 +426,310 @@ def test_predict_missing_image_is_a_clear_error(straight_run, tmp_path, capsys):
         )
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "pred").exists()
+
+
+def _resume(straight_run, tmp_path, extra, name="resumed"):
+    """Continue a copy of the straight run (checkpoint after epoch EPOCHS - 1) with TINY + extra;
+    its output directory."""
+    out = tmp_path / name
+    out.mkdir()
+    for file in ("checkpoint.pth", "log.txt"):
+        shutil.copyfile(os.path.join(straight_run, file), out / file)
+    train.main(TINY + ["--output_dir", str(out), "--resume", str(out / "checkpoint.pth")] + extra)
+    return str(out)
+
+
+TINY_SCHEDULE = dict(lr=1e-3, lr_backbone=1e-4, weight_decay=1e-4, lr_drop=1)  # weight_decay: Config's default
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"lr": 5e-4},
+        {"lr_drop": 5},
+        {"lr": 2e-3, "lr_backbone": 3e-5, "weight_decay": 0.05, "lr_drop": 2},
+    ],
+    ids=lambda c: "-".join(c) or "unchanged",
+)
+def test_resume_applies_the_new_schedule(data_root, straight_run, tmp_path, capsys, changes):
+    """A resumed run trains with its own lr, lr_backbone, weight_decay and lr_drop: the optimizer
+    and scheduler are where a run with these settings from the start would be, the log's lr is
+    that one, config.json and the checkpoint record them, and a note names what changed."""
+    settings = {**TINY_SCHEDULE, **changes}
+    flags = [x for k, v in changes.items() for x in (f"--{k}", str(v))]
+    out = _resume(straight_run, tmp_path, ["--coco_path", data_root, "--epochs", "3"] + flags)
+    state = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert state["epoch"] == 2
+    assert state["lr_scheduler"]["step_size"] == settings["lr_drop"] and state["lr_scheduler"]["last_epoch"] == 3
+    for group, base in zip(state["optimizer"]["param_groups"], (settings["lr"], settings["lr_backbone"])):
+        assert group["initial_lr"] == base and group["weight_decay"] == settings["weight_decay"]
+        assert group["lr"] == pytest.approx(base * 0.1 ** (3 // settings["lr_drop"]), rel=1e-12)
+    assert _log(out)[2]["train_lr"] == pytest.approx(settings["lr"] * 0.1 ** (2 // settings["lr_drop"]), rel=1e-12)
+    with open(os.path.join(out, "config.json")) as f:
+        recorded = json.load(f)
+    for k, v in settings.items():
+        assert recorded[k] == v and state["config"][k] == v
+    err = capsys.readouterr().err
+    for k, v in changes.items():
+        assert f"{k}: checkpoint {TINY_SCHEDULE[k]!r}, run {v!r}" in err
+    assert ("differ from the checkpoint's" in err) == bool(changes)
+
+
+@pytest.fixture(scope="module")
+def frozen_backbone_run(data_root, tmp_path_factory):
+    """One epoch with the backbone frozen (lr_backbone 0); its output directory."""
+    out = str(tmp_path_factory.mktemp("frozen"))
+    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "1", "--lr_backbone", "0"])
+    return out
+
+
+@pytest.mark.parametrize("direction", ["freeze", "unfreeze"])
+def test_resume_can_freeze_or_unfreeze_the_backbone(data_root, straight_run, frozen_backbone_run, tmp_path, capsys, direction):
+    """lr_backbone 0 leaves the backbone out of the optimizer: resuming across that change keeps
+    the rest's optimizer state, and the backbone trains exactly when the new run says so."""
+    source, lr_backbone = (straight_run, "0") if direction == "freeze" else (frozen_backbone_run, "1e-4")
+    before = load_checkpoint(os.path.join(source, "checkpoint.pth"))
+    out = _resume(source, tmp_path, ["--coco_path", data_root, "--epochs", "3", "--lr_backbone", lr_backbone])
+    after = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert f"lr_backbone: checkpoint {float(before['config']['lr_backbone'])!r}" in capsys.readouterr().err
+    trained = "layer4.0.conv1.weight"
+    name = next(k for k in after["model"] if k.startswith("backbone.") and k.endswith(trained))
+    assert torch.equal(before["model"][name], after["model"][name]) == (direction == "freeze")
+    backbone_group = after["optimizer"]["param_groups"][1]
+    assert (len(backbone_group["params"]) == 0) == (direction == "freeze")
+    assert backbone_group["initial_lr"] == float(lr_backbone)
+    # the transformer's Adam moments went on from the checkpoint's: its step count is cumulative
+    first = after["optimizer"]["param_groups"][0]["params"][0]
+    steps_before = before["optimizer"]["state"][first]["step"]
+    assert after["optimizer"]["state"][first]["step"] == steps_before + 4 * (3 - before["epoch"] - 1)
+
+
+def test_resume_with_another_batch_size_logs_the_true_step(data_root, straight_run, tmp_path, capsys):
+    """The logged and stored step counts optimizer steps over every batch size the run had."""
+    out = _resume(straight_run, tmp_path, ["--coco_path", data_root, "--epochs", "4", "--batch_size", "4"])
+    # 8 images: 4 steps an epoch at batch 2 (epochs 0, 1), 2 at batch 4 (epochs 2, 3)
+    assert [line["step"] for line in _log(out)] == [4, 8, 10, 12]
+    assert load_checkpoint(os.path.join(out, "checkpoint.pth"))["step"] == 12
+    assert "batch_size: checkpoint 2, run 4" in capsys.readouterr().err
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--resume", checkpoint, "--epochs", "5"])
+    assert [line["step"] for line in _log(out)] == [4, 8, 10, 12, 16]
+    assert load_checkpoint(checkpoint)["step"] == 16
+
+
+def test_resume_from_a_checkpoint_without_a_step_count(data_root, straight_run, tmp_path, capsys):
+    """A checkpoint from before the step was stored: the count is estimated at its own batch
+    size, and the estimate is said."""
+    out = tmp_path / "old"
+    out.mkdir()
+    state = load_checkpoint(os.path.join(straight_run, "checkpoint.pth"))
+    del state["step"]
+    torch.save(state, out / "checkpoint.pth")
+    train.main(
+        TINY
+        + ["--coco_path", data_root, "--output_dir", str(out), "--resume", str(out / "checkpoint.pth")]
+        + ["--epochs", "3", "--batch_size", "4"]
+    )
+    assert "estimated as 8: 2 epochs of 8 images at batch size 2 on 1 process" in capsys.readouterr().err
+    assert [line["step"] for line in _log(str(out))] == [10]
+
+
+def test_resume_with_another_seed_draws_from_it(data_root, straight_run, tmp_path, capsys):
+    """The checkpoint's generators continue only under its own seed; another seed restarts them
+    (two seeds, two different epochs), and a note says so."""
+    logs, notes = [], []
+    for seed in ("2", "3"):
+        out = _resume(straight_run, tmp_path, ["--coco_path", data_root, "--epochs", "3", "--seed", seed], f"seed{seed}")
+        notes.append(capsys.readouterr().err)
+        logs.append(_log(out)[-1])
+    assert logs[0]["epoch"] == logs[1]["epoch"] == 2
+    assert logs[0]["train_loss"] != logs[1]["train_loss"]
+    for seed, err in zip(("2", "3"), notes):
+        assert f"seed: checkpoint 1, run {seed}" in err and f"with seed {seed} the random generators restart" in err
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(data_root, straight_run, tmp_path, capsys):
+    out = _resume(straight_run, tmp_path, ["--coco_path", data_root, "--epochs", "1"])
+    assert f"nothing to train ({EPOCHS} epochs done, --epochs 1)" in capsys.readouterr().out
+    assert [line["epoch"] for line in _log(out)] == list(range(EPOCHS))
+
+
+@pytest.mark.parametrize("bad", [["--lr_drop", "0"], ["--batch_size", "0"], ["--max_size", "0"], ["--min_sizes", "64", "0"]])
+def test_sizes_and_schedule_below_one_are_refused(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + bad)
+    assert exit_info.value.code == 2
+    assert f"{bad[0][2:]}: expected" in capsys.readouterr().err
+
+
+def test_max_size_alone_caps_the_images(data_root, tmp_path, capsys):
+    """--max_size below eval_size and min_sizes is DETR's cap, not an error: every image gets a
+    longer side of max_size, and a note says what was used."""
+    out = str(tmp_path / "small")
+    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "1", "--max_size", "48"])
+    err = capsys.readouterr().err
+    assert "shorter sides 64, 80 exceed max_size 48" in err and "a 640 x 480 image becomes 48 x 36" in err
+    cfg = train.build_config(train.get_args_parser().parse_args(TINY + ["--coco_path", data_root, "--max_size", "48"]))
+    from smca.data import build_dataset
+
+    for split in ("train", "val"):
+        dataset = build_dataset(split, cfg)
+        assert all(max(dataset[i][0].shape[-2:]) == 48 for i in range(len(dataset)))
+    assert _log(out)[0]["epoch"] == 0
+
+
+def test_predict_resizes_as_evaluation_does_under_the_cap():
+    """The model's own resize (predict, attention maps) gives the evaluation transform's sizes,
+    also where max_size is below eval_size."""
+    from smca import Config
+    from smca.data.transforms import make_transforms
+    from smca.models import build_model
+    from torchvision import tv_tensors
+
+    cfg = Config(
+        device="cpu", backbone="resnet18", hidden_dim=32, nheads=4, num_queries=5, enc_layers=1, dec_layers=1,
+        dim_feedforward=32, num_classes=3, eval_size=800, max_size=100,
+    )
+    model, _, _ = build_model(cfg)
+    transforms = make_transforms("val", cfg.min_sizes, cfg.eval_size, cfg.max_size)
+    for height, width in [(64, 96), (97, 61), (50, 50), (30, 301)]:
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+        boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 5.0, 5.0]]), format="XYXY", canvas_size=(height, width))
+        expected = transforms(image, {"boxes": boxes, "labels": torch.tensor([1])})[0].shape[-2:]
+        batch, pixel_mask, _ = model.prepare_images([image])
+        assert tuple(batch.shape[-2:]) == tuple(expected) and max(expected) == 100
+
+
+def _truncated_copy(data_root, tmp_path, split):
+    """A copy of data_root whose first `split` image is cut off halfway: (root, that file, its id)."""
+    root = tmp_path / "truncated"
+    shutil.copytree(data_root, root)
+    with open(root / "annotations" / f"instances_{split}2017.json") as f:
+        first = json.load(f)["images"][0]
+    path = root / f"{split}2017" / first["file_name"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(root), str(path), first["id"]
+
+
+@pytest.mark.parametrize("split, num_workers", [("train", "0"), ("train", "1"), ("val", "0")])
+def test_truncated_image_stops_the_run_naming_it_and_keeps_the_checkpoint(
+    data_root, straight_run, tmp_path, capsys, split, num_workers
+):
+    """Only decoding shows a truncated file. Training (resumed after a checkpoint) or evaluation
+    stops with the file and image id, exit status 2 (from a loader's worker process too, without
+    its traceback); the checkpoint stays as it was."""
+    root, path, image_id = _truncated_copy(data_root, tmp_path, split)
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = str(out / "checkpoint.pth")
+    shutil.copyfile(os.path.join(straight_run, "checkpoint.pth"), checkpoint)
+    before = _digest(str(out))["checkpoint.pth"]
+    argv = TINY + ["--coco_path", root, "--output_dir", str(out), "--resume", checkpoint, "--epochs", str(EPOCHS + 1)]
+    argv += ["--num_workers", num_workers]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + (["--eval"] if split == "val" else []))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"image id {image_id}: image '{path}' cannot be decoded (OSError: image file is truncated" in err
+    assert "Traceback" not in err
+    if split == "train":
+        assert f"The last checkpoint, {checkpoint}, is left as it was" in err
+    assert _digest(str(out))["checkpoint.pth"] == before
+
+
+def test_cli_on_string_image_ids_stops_before_writing_anything(data_root, tmp_path):
+    """`python -m smca.train` on annotations whose image ids are strings: a clear error (no
+    traceback) before the output folder is made."""
+    root = _write_data(tmp_path, data_root, _broken_annotations(data_root, "string_image_ids"))
+    out = tmp_path / "fresh"
+    cmd = [sys.executable, "-m", "smca.train"] + TINY + ["--coco_path", root, "--output_dir", str(out), "--epochs", "1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "image '000000000001.png' has id 'img_1'; COCO image ids are integers" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_predict_reads_a_16_bit_png_as_it_looks(straight_run, tmp_path):
+    """A 16-bit grey PNG of value 32896 (PIL mode I;16) is mid-grey 128, not white: with no
+    detection kept, the drawn picture is the image as read."""
+    import numpy as np
+
+    from smca import predict
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((48, 64), 32896, dtype=np.uint16)).save(path)
+    out = tmp_path / "pred"
+    predict.main(
+        ["--checkpoint", os.path.join(straight_run, "checkpoint.pth"), "--images", str(path)]
+        + ["--output_dir", str(out), "--threshold", "1.0", "--device", "cpu"]
+    )
+    with Image.open(out / "grey16.png") as drawn:
+        assert drawn.size == (64, 48) and (np.asarray(drawn) == 128).all()
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("truncated", "cannot be decoded (OSError: image file is truncated"), ("float", "has 32-bit floating-point")],
+)
+def test_predict_bad_image_stops_before_any_output(straight_run, data_root, tmp_path, capsys, kind, message):
+    """A bad image after a good one: the error names it and nothing is written."""
+    from smca import predict
+
+    val = os.path.join(data_root, "val2017")
+    good = os.path.join(val, sorted(os.listdir(val))[0])
+    if kind == "truncated":
+        bad = tmp_path / "bad.png"
+        with open(good, "rb") as f:
+            data = f.read()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad = tmp_path / "bad.tif"
+        Image.new("F", (32, 32), 0.5).save(bad)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(
+            ["--checkpoint", os.path.join(straight_run, "checkpoint.pth"), "--images", good, str(bad)]
+            + ["--output_dir", str(tmp_path / "pred"), "--device", "cpu"]
+        )
+    assert exit_info.value.code == 2
+    assert f"image '{bad}' {message}" in capsys.readouterr().err
+    assert not (tmp_path / "pred").exists()
+
+
+def test_resized_size_caps_the_longer_side():
+    """DETR's rule: the shorter side asked for unless that takes the longer past max_size, then the
+    longer side is max_size exactly; the aspect ratio kept to a pixel, either orientation."""
+    from smca.data.transforms import resized_size
+
+    for height, width in [(480, 640), (640, 480), (100, 100), (37, 301), (301, 37), (1, 1000)]:
+        for size in (1, 36, 64, 200, 800):
+            for max_size in (1, 48, 64, 100, 256, 1333):
+                new_h, new_w = resized_size(height, width, size, max_size)
+                short, long = sorted((new_h, new_w))
+                assert new_h == new_w or (new_h < new_w) == (height < width)
+                assert 1 <= short <= long <= max_size
+                if size * max(height, width) <= max_size * min(height, width):
+                    assert short == size
+                else:
+                    assert long == max_size
+                assert abs(long * min(height, width) / max(height, width) - short) < 1
+
+
+@pytest.mark.parametrize("image_set", ["train", "val"])
+def test_transforms_cap_every_size(image_set):
+    """Every shorter side asked for above max_size: each image comes out with a longer side of
+    exactly max_size (both training paths, evaluation), boxes kept."""
+    from torchvision import tv_tensors
+
+    from smca.data.transforms import make_transforms
+
+    transforms = make_transforms(image_set, min_sizes=(480, 800), eval_size=800, max_size=96)
+    torch.manual_seed(0)
+    for height, width in [(125, 110), (60, 200), (300, 300)]:
+        image = torch.zeros(3, height, width, dtype=torch.uint8)
+        whole = torch.tensor([[0.0, 0.0, float(width), float(height)]])
+        boxes = tv_tensors.BoundingBoxes(whole, format="XYXY", canvas_size=(height, width))
+        for _ in range(10):
+            out, target = transforms(image, {"boxes": boxes, "labels": torch.tensor([1])})
+            assert max(out.shape[-2:]) == 96 and target["labels"].tolist() == [1]

@@ -6,16 +6,33 @@ A data root in the COCO layout (the real COCO 2017 or the built-in synthetic set
 
 Each sample is (image (3, H, W) float normalised, target) with target
     labels (n,) int64 category ids; boxes (n, 4) float32 cxcywh normalised by the transformed,
-    unpadded image size (H, W); image_id () int64; orig_size (2,) int64 (h, w) of the file;
+    unpadded image size (H, W); image_id () int64; orig_size (2,) int64 (h, w) of the image read;
     size (2,) int64 (H, W) after the transforms.
 Crowd annotations are left out (as DETR does) and so are boxes of zero width or height.
+Images are read as a person sees them (smca.data.image.read_image: upright, 16-bit spread from
+black to white, transparency over white), and boxes are taken in that picture's pixels.
+
+Bad data is reported as early as it can be found, naming the file and the image id. Building
+the data set checks the whole annotation file (integer ids, no id listed twice, every
+annotation on a listed image and category, well-formed boxes) and opens the header of every
+listed image file (some 30 us an image: COCO's 118k training images in a few seconds), so a
+missing, empty or non-image file or one of a mode with no standard look stops the run before
+training starts. An annotation without "area" gets its box's area and one without "iscrowd"
+gets 0, as COCO's evaluation needs both; ids written as whole floats (1.0) are read as integers.
+When a file's displayed size differs from the width and height listed for it, a warning says
+so and the file is trusted. Damage that only decoding shows (a truncated PNG or JPEG) is found
+when the image is first read: the sample raises DatasetError, which stops the run rather than
+skipping the image (a skipped image would change what is trained or evaluated, unseen);
+smca.train keeps the last checkpoint, so once the file is fixed --resume continues.
 """
 
 import contextlib
 import io
+import json
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision
@@ -26,13 +43,18 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
 from ..models.utils import pad_images
+from .image import ImageError, image_size, read_image
 from .transforms import make_transforms
 
 __all__ = ["DatasetError", "CocoDetection", "build_dataset", "collate_fn", "build_dataloader", "coco_paths"]
 
 
+# Of many unreadable image files, the error names this many.
+MAX_NAMED = 5
+
+
 class DatasetError(ValueError):
-    """The data directory or an annotation file is missing or malformed."""
+    """The data directory, an annotation file or an image file is missing or malformed."""
 
 
 def coco_paths(root: str, image_set: str) -> Tuple[str, str]:
@@ -55,22 +77,145 @@ def coco_paths(root: str, image_set: str) -> Tuple[str, str]:
     return img_folder, ann_file
 
 
-def _check_annotations(dataset: Dict, ann_file: str) -> None:
-    """Every image and box well-formed: a COCO bbox is [x, y, w, h] with finite values, w, h >= 0."""
-    if not dataset.get("images"):
+def _load_annotations(ann_file: str) -> Dict[str, Any]:
+    """The annotation file's JSON object; DatasetError when it is not valid JSON or not an object."""
+    try:
+        with open(ann_file, encoding="utf-8-sig") as f:  # -sig: also with the byte-order mark some editors write
+            dataset = json.load(f)
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError
+        raise DatasetError(f"{ann_file}: not a valid COCO annotation file ({type(err).__name__}: {err})") from err
+    if not isinstance(dataset, dict):
+        raise DatasetError(
+            f"{ann_file}: not a valid COCO annotation file (expected a JSON object, got a {type(dataset).__name__})"
+        )
+    return dataset
+
+
+def _as_id(value: Any) -> Optional[int]:
+    """A COCO id as an int: a JSON integer in int64's range, or a whole float (1.0, as some
+    converters write); None for anything else (strings, true/false, 1.5, null)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+        return value
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _entries(dataset: Dict[str, Any], key: str, ann_file: str) -> List[Dict[str, Any]]:
+    """dataset[key] (absent: []), which must be a list of JSON objects."""
+    entries = dataset.get(key, [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise DatasetError(f"{ann_file}: {key!r} must be a list of JSON objects")
+    return entries
+
+
+def _check_annotations(dataset: Dict[str, Any], ann_file: str) -> None:
+    """Check a COCO instances dict and complete it in place, or raise DatasetError naming the
+    entry: images, categories and annotations with integer ids (whole floats made ints), none
+    listed twice; every image with a file_name; every category with a name and an id >= 0 (it
+    indexes the class logits); every annotation on a listed image and category, its bbox
+    [x, y, w, h] finite with w, h >= 0, area (default: w * h) finite >= 0, iscrowd (default 0)
+    0 or 1."""
+    images = _entries(dataset, "images", ann_file)
+    if not images:
         raise DatasetError(f"{ann_file}: no images listed")
-    category_ids = {c["id"] for c in dataset.get("categories", [])}
-    for ann in dataset.get("annotations", []):
-        where = f"{ann_file}: annotation {ann.get('id')} of image {ann.get('image_id')}"
+    file_names: Dict[int, str] = {}
+    for image in images:
+        image_id, file_name = _as_id(image.get("id")), image.get("file_name")
+        if image_id is None:
+            raise DatasetError(
+                f"{ann_file}: image {file_name!r} has id {image.get('id')!r}; COCO image ids are integers"
+            )
+        if image_id in file_names:
+            raise DatasetError(
+                f"{ann_file}: image id {image_id} is listed twice ({file_names[image_id]!r}, {file_name!r})"
+            )
+        if not isinstance(file_name, str) or not file_name:
+            raise DatasetError(f"{ann_file}: image id {image_id}: file_name must be a file name, got {file_name!r}")
+        image["id"] = image_id
+        file_names[image_id] = file_name
+    categories = _entries(dataset, "categories", ann_file)
+    if not categories:
+        raise DatasetError(f"{ann_file}: no categories listed")
+    category_ids = set()
+    for category in categories:
+        category_id = _as_id(category.get("id"))
+        if category_id is None or category_id < 0:
+            raise DatasetError(
+                f"{ann_file}: category {category.get('name')!r} has id {category.get('id')!r}; "
+                "expected an integer >= 0 (it indexes the class logits)"
+            )
+        if category_id in category_ids:
+            raise DatasetError(f"{ann_file}: category id {category_id} is listed twice")
+        if not isinstance(category.get("name"), str):
+            raise DatasetError(
+                f"{ann_file}: category id {category_id}: name must be a string, got {category.get('name')!r}"
+            )
+        category["id"] = category_id
+        category_ids.add(category_id)
+    annotation_ids = set()
+    for ann in _entries(dataset, "annotations", ann_file):
+        where = f"{ann_file}: annotation {ann.get('id')!r} of image {ann.get('image_id')!r}"
+        ann_id, image_id, category_id = (_as_id(ann.get(k)) for k in ("id", "image_id", "category_id"))
+        if ann_id is None:
+            raise DatasetError(f"{where}: COCO annotation ids are integers")
+        if ann_id in annotation_ids:
+            raise DatasetError(f"{where}: annotation id {ann_id} is used twice")
+        if image_id not in file_names:
+            raise DatasetError(f"{where}: image_id {ann.get('image_id')!r} is not among the listed images")
+        if category_id not in category_ids:
+            raise DatasetError(f"{where}: category_id {ann.get('category_id')!r} is not among the listed categories")
         bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DatasetError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
         if not all(math.isfinite(v) for v in bbox):
             raise DatasetError(f"{where}: bbox has a non-finite value: {bbox}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise DatasetError(f"{where}: bbox {bbox} has a negative width or height")
-        if ann.get("category_id") not in category_ids:
-            raise DatasetError(f"{where}: category_id {ann.get('category_id')!r} is not among the listed categories")
+        area = ann.setdefault("area", bbox[2] * bbox[3])  # COCO's evaluation sorts objects by area
+        if not _is_number(area) or not math.isfinite(area) or area < 0:
+            raise DatasetError(f"{where}: area must be a finite number >= 0, got {area!r}")
+        if ann.setdefault("iscrowd", 0) not in (0, 1):
+            raise DatasetError(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
+        ann["id"], ann["image_id"], ann["category_id"] = ann_id, image_id, category_id
+        annotation_ids.add(ann_id)
+
+
+def _check_image_files(dataset: Dict[str, Any], img_folder: str, ann_file: str) -> None:
+    """Every listed image file exists and its header opens as an image read_image can read;
+    DatasetError naming the first MAX_NAMED that do not, with their ids. Warns when displayed
+    sizes differ from the listed width and height."""
+    images = dataset["images"]
+    unreadable, resized = [], []
+    for image in images:
+        try:
+            size = image_size(os.path.join(img_folder, image["file_name"]))
+        except ImageError as err:
+            unreadable.append(f"image id {image['id']}: {err}")
+            continue
+        listed = (image.get("width"), image.get("height"))
+        if all(_is_number(v) for v in listed) and tuple(listed) != size:
+            resized.append((image, size))
+    if unreadable:
+        more = f"; and {len(unreadable) - MAX_NAMED} more" if len(unreadable) > MAX_NAMED else ""
+        raise DatasetError(
+            f"{ann_file}: {len(unreadable)} of the {len(images)} listed images cannot be read: "
+            + "; ".join(unreadable[:MAX_NAMED])
+            + more
+        )
+    if resized:
+        image, (width, height) = resized[0]
+        warnings.warn(
+            f"{ann_file}: {len(resized)} of the {len(images)} images differ in size from the width and height "
+            f"listed for them (the first, image id {image['id']}, {image['file_name']!r}, is {width}x{height} as "
+            f"displayed, EXIF orientation applied, and listed as {image['width']}x{image['height']}); their boxes "
+            "are taken in the file's pixels as displayed",
+            stacklevel=3,
+        )
 
 
 class CocoDetection(torchvision.datasets.CocoDetection):
@@ -79,19 +224,23 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     Args:
         img_folder: folder of the images; ann_file: COCO instances JSON;
         transforms: a v2 transform over (tv_tensors.Image uint8, dict(boxes, labels)).
-    Raises DatasetError when the file is not valid JSON, not COCO-shaped, or has a bad box.
+    Raises DatasetError (see the module docstring) when the file is not valid JSON, not
+    COCO-shaped or has a bad entry, or a listed image file is missing or cannot be opened; a
+    sample raises it when its image cannot be decoded.
     """
 
     def __init__(self, img_folder: str, ann_file: str, transforms) -> None:
-        try:
-            # pycocotools prints progress lines while it loads; they are noise here.
-            with contextlib.redirect_stdout(io.StringIO()):
-                super().__init__(img_folder, ann_file)
-        except (ValueError, AssertionError, KeyError, TypeError) as err:
-            # ValueError covers json.JSONDecodeError and UnicodeDecodeError; pycocotools asserts
-            # that the file holds a JSON object and indexes by keys.
-            raise DatasetError(f"{ann_file}: not a valid COCO annotation file ({type(err).__name__}: {err})") from err
-        _check_annotations(self.coco.dataset, ann_file)
+        dataset = _load_annotations(ann_file)
+        _check_annotations(dataset, ann_file)
+        _check_image_files(dataset, img_folder, ann_file)
+        # pycocotools indexes the checked dict (no second read of the file); it prints progress
+        # lines while it does, noise here.
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().__init__(img_folder, None)
+            self.coco.dataset = dataset
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs)
+        self.ann_file = ann_file
         self._detr_transforms = transforms
 
     @property
@@ -99,23 +248,31 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         """category id -> name."""
         return {c["id"]: c["name"] for c in self.coco.dataset["categories"]}
 
+    def _load_image(self, id: int) -> Tensor:
+        """(3, H, W) uint8 RGB of image `id` as displayed; DatasetError naming the file and id."""
+        try:
+            return read_image(os.path.join(self.root, self.coco.imgs[id]["file_name"]))
+        except ImageError as err:
+            raise DatasetError(f"{self.ann_file}: image id {id}: {err}") from err
+
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
-        image, annotations = super().__getitem__(index)  # PIL image, list of COCO dicts
-        width, height = image.size
-        annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
+        image_id = self.ids[index]
+        image = self._load_image(image_id)
+        height, width = image.shape[-2:]
+        annotations = [a for a in self._load_target(image_id) if a["iscrowd"] == 0]
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(box_convert(boxes, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width))
         target = dict(
             boxes=F.clamp_bounding_boxes(boxes, clamping_mode="hard"),
             labels=torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
         )
-        image, target = self._detr_transforms(F.pil_to_tensor(image), target)
+        image, target = self._detr_transforms(image, target)
         new_h, new_w = image.shape[-2:]
         scale = torch.tensor([new_w, new_h, new_w, new_h], dtype=torch.float32)
         return image.as_subclass(Tensor), dict(
             labels=target["labels"],
             boxes=box_convert(target["boxes"].as_subclass(Tensor), "xyxy", "cxcywh") / scale,
-            image_id=torch.tensor(self.ids[index], dtype=torch.int64),
+            image_id=torch.tensor(image_id, dtype=torch.int64),
             orig_size=torch.tensor([height, width], dtype=torch.int64),
             size=torch.tensor([new_h, new_w], dtype=torch.int64),
         )
@@ -125,7 +282,8 @@ def build_dataset(image_set: str, cfg) -> CocoDetection:
     """The "train" or "val" split under cfg.coco_path, with the transforms of that split.
 
     Uses cfg.coco_path, cfg.min_sizes, cfg.eval_size and cfg.max_size. Raises DatasetError for
-    a missing directory or file, invalid JSON and malformed boxes.
+    a missing directory or file, invalid JSON, a malformed entry and a listed image file that is
+    missing or cannot be opened (CocoDetection).
     """
     img_folder, ann_file = coco_paths(cfg.coco_path, image_set)
     transforms = make_transforms(image_set, cfg.min_sizes, cfg.eval_size, cfg.max_size)

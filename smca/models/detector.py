@@ -9,6 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from smca_kernels.reference import gaussian_log_prior
 
+from ..data.transforms import resized_size
 from .backbone import Backbone
 from .decoder import MLP, Decoder
 from .position_encoding import PositionEmbeddingSine
@@ -40,8 +41,8 @@ class SMCADETR(nn.Module):
         num_classes, num_queries: logits per query, number of queries.
         aux_loss: also return the predictions of every decoder layer but the last.
         postprocess: PostProcess used by predict.
-        eval_size, max_size: predict() resizes the shorter side to eval_size, the longer to at
-            most max_size.
+        eval_size, max_size: predict() resizes as evaluation does: the shorter side to eval_size,
+            the longer to at most max_size, the cap winning (smca.data.transforms.resized_size).
     """
 
     def __init__(
@@ -167,7 +168,8 @@ class SMCADETR(nn.Module):
             image = image.to(device)
             image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
             sizes.append(image.shape[-2:])
-            image = TF.resize(image, [self.eval_size], max_size=self.max_size, antialias=True)
+            # the size evaluation resizes to (the cap may win over eval_size)
+            image = TF.resize(image, list(resized_size(*sizes[-1], self.eval_size, self.max_size)), antialias=True)
             resized.append(normalize(image))
         batch, pixel_mask = pad_images(resized)
         return batch, pixel_mask, torch.as_tensor([list(s) for s in sizes], device=device)
