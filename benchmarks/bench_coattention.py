@@ -38,9 +38,11 @@ Modes:
            q, k, v, centers, precision and alpha (sdpa_nobias: q, k, v).
 
 Metrics:
-  median_ms  median over --repeats calls after --warmup calls (plus one checked call that also
-             compiles). CPU: time.perf_counter around each call. CUDA: a torch.cuda.Event pair
-             around each call, synchronised after all of them.
+  median_ms  median over --repeats rounds after --warmup rounds (plus one checked call that also
+             compiles); a round calls every provider once, in turn, the first one rotating, so
+             that a change in the machine's speed during the run affects all providers alike.
+             CPU: time.perf_counter around each call. CUDA: a torch.cuda.Event pair around each
+             call, synchronised after all of them.
   peak_mib   peak extra memory of one call: the most memory the call holds at once above what was
              allocated before it (its own outputs included), in MiB.
              CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
@@ -54,12 +56,22 @@ Metrics:
              measurement and would still include the interpreter's own growth.
   x_naive    naive time / provider time (speed-up over naive).
   x_floor    provider time / sdpa_nobias time (1.0 = the Gaussian costs nothing).
+  GFLOP/s    attention's matrix products per second: 4 B H Nq L D flops forward (q k^T, P v),
+             14 forward + backward (five more products backward), whatever a provider computes.
+  of peak    GFLOP/s / the float32 FMA peak of the threads used (CPU): measured by a loop of
+             independent FMAs at the ISA level smca's C++ kernels run at, so at the clock the cores
+             really reach; the nominal figure (cores x the clock in /proc/cpuinfo x FMA width) is
+             printed beside it. The header also prints the CPU model, its vector ISA, and the ISA
+             levels of smca's kernels (SMCA_CPU_ISA), of ATen (ATEN_CPU_CAPABILITY) and of oneDNN and
+             MKL (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS): set all four to time an AVX2 machine
+             on an AVX-512 one.
   err        max |out - ref| of the forward output, ref = the naive operator in float64 on the
              same inputs. naive's own err shows the rounding level of the dtype.
   grad_err   (fwd_bwd) max over the inputs of max |g - g_ref| / max |g_ref|, same reference.
              sdpa_nobias computes another function: it is not checked.
 A provider that fails (unsupported, out of memory, ...) is reported as skipped with the reason.
-Outputs: a table on stdout and coattention_<cpu|cuda>_<dtype>.csv / .png in --out.
+Outputs: a table on stdout and coattention_cuda_<dtype>.csv / .png, or
+coattention_cpu_<smca-cpu ISA level>_<dtype>.csv / .png, in --out.
 """
 import argparse
 import csv
@@ -339,24 +351,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(step, device: torch.device, warmup: int, repeats: int) -> float:
+def interleaved_median_ms(steps: Dict[str, Callable], device: torch.device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median time of each step over `repeats` rounds that call every step once, in turn (the
+    first one rotating), after `warmup` such rounds: a change of the machine's speed during the
+    run (another tenant, the clock) slows every provider alike, so that their ratios hold."""
+    names = list(steps)
     for _ in range(warmup):
-        step()
+        for name in names:
+            steps[name]()
     _sync(device)
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
+        events = {name: [] for name in names}
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                steps[name]()
+                end.record()
+                events[name].append((start, end))
         torch.cuda.synchronize(device)
-        return statistics.median(start.elapsed_time(end) for start, end in events)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _cpu_peak_bytes(step) -> int:
@@ -414,15 +435,23 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:120]}"
 
 
-def run_case(case: Case, mode: str, providers: Dict[str, Callable], args, device, dtype, grad_out, ref) -> List[dict]:
+def attention_gflop(case: Case, mode: str) -> float:
+    """The products of attention, 2 B H Nq L D flops each: two forward (q k^T, P v), five more
+    backward (recomputed q k^T, dO v^T, P^T dO, dS k, dS^T q)."""
+    L = sum(h * w for h, w in case.shapes)
+    return (4 if mode == "fwd" else 14) * case.batch * case.heads * case.queries * L * case.dim / 1e9
+
+
+def run_case(case: Case, mode: str, providers: Dict[str, Callable], args, device, dtype, grad_out, ref,
+             peak_gflops: Optional[float]) -> List[dict]:
     """One row per provider for one case and mode; grad_out (B, H, Nq, D) float32, ref from
-    reference_results."""
+    reference_results; peak_gflops: the FMA peak the achieved GFLOP/s is a fraction of."""
     ref_out, ref_grads = ref
-    rows = []
+    rows, steps = {}, {}
     for name, setup in providers.items():
         row = dict(provider=name, op=case.op, shape=case.shape_name, batch=case.batch, mode=mode,
                    median_ms=None, peak_mib=None, err=None, grad_err=None, status="ok")
-        step = None
+        rows[name] = row
         try:
             inp = make_inputs(case, dtype, device, args.padding_mask, requires_grad=mode == "fwd_bwd")
             leaves = inp.leaves()
@@ -433,23 +462,29 @@ def run_case(case: Case, mode: str, providers: Dict[str, Callable], args, device
             if name != "sdpa_nobias":
                 row["err"], row["grad_err"] = check(out, dict(zip(leaves, grads)), ref_out, ref_grads)
             del out, grads
-            row["median_ms"] = median_ms(step, device, args.warmup, args.repeats)
             row["peak_mib"] = peak_mib(step, device)
+            steps[name] = step
         except Exception as error:  # reported in the table as skipped, with the reason
             row.update(median_ms=None, peak_mib=None, status="skipped: " + _reason(error))
         finally:
-            del step
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows.append(row)
-    # Ratios against naive and the floor on the same case and mode.
-    times = {row["provider"]: row["median_ms"] for row in rows}
-    for row in rows:
+    try:
+        for name, ms in interleaved_median_ms(steps, device, args.warmup, args.repeats).items():
+            rows[name]["median_ms"] = ms
+    finally:
+        steps.clear()
+        gc.collect()
+    # Ratios against naive and the floor on the same case and mode, and the rate of the products.
+    times = {name: row["median_ms"] for name, row in rows.items()}
+    for row in rows.values():
         t = row["median_ms"]
         row["x_naive"] = times["naive"] / t if t and times.get("naive") else None
         row["x_floor"] = t / times["sdpa_nobias"] if t and times.get("sdpa_nobias") else None
-    return rows
+        row["gflops"] = attention_gflop(case, mode) / (t / 1e3) if t else None
+        row["x_peak"] = row["gflops"] / peak_gflops if row["gflops"] and peak_gflops else None
+    return list(rows.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +493,8 @@ def run_case(case: Case, mode: str, providers: Dict[str, Callable], args, device
 COLUMNS = [  # (key, header, format)
     ("provider", "provider", "{}"), ("op", "op", "{}"), ("shape", "shape", "{}"), ("batch", "B", "{}"),
     ("mode", "mode", "{}"), ("median_ms", "median ms", "{:.3f}"), ("peak_mib", "peak MiB", "{:.1f}"),
-    ("x_naive", "x naive", "{:.2f}"), ("x_floor", "x floor", "{:.2f}"), ("err", "err", "{:.1e}"),
+    ("x_naive", "x naive", "{:.2f}"), ("x_floor", "x floor", "{:.2f}"), ("gflops", "GFLOP/s", "{:.0f}"),
+    ("x_peak", "of peak", "{:.0%}"), ("err", "err", "{:.1e}"),
     ("grad_err", "grad err", "{:.1e}"), ("status", "status", "{}"),
 ]
 
@@ -490,6 +526,38 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_description(threads: int) -> dict:
+    """What the CPU figures depend on: the CPU model and its vector ISA, the ISA level smca's
+    C++ kernels run at (csrc/cpu/isa.h, SMCA_CPU_ISA), ATen's and the libraries' (ATEN_CPU_CAPABILITY,
+    ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), and the float32 FMA peak of `threads` threads at
+    the kernels' level: measured (a loop of independent FMAs, so at the clock the cores really
+    run) and nominal (threads x the clock /proc/cpuinfo states x 2 FMA units x lanes x 2 flops)."""
+    flags, mhz = set(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+                elif key.strip() == "cpu MHz" and mhz is None:
+                    mhz = float(value)
+    except OSError:
+        pass
+    isa = ("avx512" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags
+           else "neon" if platform.machine() in ("aarch64", "arm64") else platform.machine())
+    info = dict(cpu=device_name(torch.device("cpu")), cpu_isa=isa, aten_capability=torch.backends.cpu.get_cpu_capability(),
+                onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+                mkl_enable_instructions=os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+                smca_cpu_isa=None, fma_peak_gflops=None, nominal_peak_gflops=None)
+    if hasattr(torch.ops.smca, "_cpu_isa"):
+        info["smca_cpu_isa"] = torch.ops.smca._cpu_isa()
+        info["fma_peak_gflops"] = round(max(torch.ops.smca._cpu_fma_peak_gflops() for _ in range(3)), 1)
+        lanes = {"avx512": 16, "avx2": 8}.get(info["smca_cpu_isa"], 4)
+        if mhz:
+            info["nominal_peak_gflops"] = round(threads * mhz / 1e3 * 2 * lanes * 2, 1)
+    return info
 
 
 def print_triton_choices() -> None:
@@ -623,12 +691,23 @@ def main(argv=None) -> None:
           f"threads {torch.get_num_threads()}")
     print(f"H {args.heads}, Nq {args.queries}, D {args.dim}; batch {args.batch}; "
           f"key padding mask: {'yes' if args.padding_mask else 'none'}; warmup {args.warmup}, repeats {args.repeats}")
+    peak_gflops = None
     if device.type == "cpu":  # the cores may be shared: say how busy they were
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"load average (1, 5, 15 min): {load} on {os.cpu_count()} cores")
+        cpu = cpu_description(torch.get_num_threads())
+        meta.update(cpu)
+        peak_gflops = cpu["fma_peak_gflops"]
+        print(f"CPU ISA: {cpu['cpu_isa']}; smca-cpu kernels: {cpu['smca_cpu_isa']} (SMCA_CPU_ISA); ATen: "
+              f"{cpu['aten_capability']}; ONEDNN_MAX_CPU_ISA={cpu['onednn_max_cpu_isa'] or '-'}, "
+              f"MKL_ENABLE_INSTRUCTIONS={cpu['mkl_enable_instructions'] or '-'}")
+        print(f"float32 FMA peak of {torch.get_num_threads()} threads at the kernels' ISA: {cpu['fma_peak_gflops']} "
+              f"GFLOP/s measured (the 'of peak' column); {cpu['nominal_peak_gflops']} GFLOP/s nominal "
+              "(the clock in /proc/cpuinfo, 2 FMA units)")
     print(f"available smca backends: {available_backends(device)}; providers: {list(providers)}")
     print("err: max |out - naive in float64|; grad err: max_input max|g - g_ref| / max|g_ref|; "
-          "x naive: speed-up over naive; x floor: time / sdpa_nobias time\n")
+          "x naive: speed-up over naive; x floor: time / sdpa_nobias time; GFLOP/s: attention's "
+          "products (4 B H Nq L D flops forward, 14 forward + backward) per second\n")
 
     rows = []
     for shapes, batch in itertools.product(args.shapes, args.batch):
@@ -637,7 +716,7 @@ def main(argv=None) -> None:
         grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(device)
         ref = reference_results(case, device, args.padding_mask, dtype, grad_out)
         for mode in args.modes:
-            case_rows = run_case(case, mode, providers, args, device, dtype, grad_out, ref)
+            case_rows = run_case(case, mode, providers, args, device, dtype, grad_out, ref, peak_gflops)
             print_table(case_rows)
             print()
             rows += case_rows
@@ -646,9 +725,11 @@ def main(argv=None) -> None:
     if device.type == "cuda" and "smca-triton" in providers:
         print_triton_choices()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"coattention_{device.type}_{args.dtype}{'_quick' if args.quick else ''}"
+    level = f"_{meta['smca_cpu_isa']}" if meta.get("smca_cpu_isa") else ""
+    stem = args.out / f"coattention_{device.type}{level}_{args.dtype}{'_quick' if args.quick else ''}"
     write_csv(stem.with_suffix(".csv"), rows, meta)
-    title = (f"smca co-attention, {meta['device']} ({device.type}), {args.dtype}, "
+    isa = f", kernels {meta['smca_cpu_isa']}, ATen {meta['aten_capability']}" if device.type == "cpu" else ""
+    title = (f"smca co-attention, {meta['device']} ({device.type}{isa}), {args.dtype}, "
              f"H {args.heads}, Nq {args.queries}, D {args.dim}")
     plot(stem.with_suffix(".png"), rows, title)
     print(f"\nwrote {stem}.csv and {stem}.png")

@@ -15,6 +15,10 @@
 // masked; out_levels (B,H,Nq,S,D) the unmixed per-level outputs.
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "cpu/isa.h"
 #include "smca.h"
 
 namespace smca {
@@ -25,6 +29,14 @@ int64_t cuda_version() {
 #else
   return 0;
 #endif
+}
+
+std::string cpu_isa() { return cpu::isa_name(cpu::selected_isa()); }
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (cpu::Isa isa : cpu::supported_isas()) names.emplace_back(cpu::isa_name(isa));
+  return names;
 }
 
 TORCH_LIBRARY(smca, m) {
@@ -68,6 +80,12 @@ TORCH_LIBRARY(smca, m) {
 
   // CUDA runtime version the extension was compiled against, 0 when built without CUDA.
   m.def("_cuda_version() -> int", &cuda_version);
+  // ISA level the CPU kernels use now (SMCA_CPU_ISA, else the widest this CPU runs), and every
+  // level this build and CPU support, widest first (csrc/cpu/isa.h).
+  m.def("_cpu_isa() -> str", &cpu_isa);
+  m.def("_cpu_isas() -> str[]", &cpu_isas);
+  // The peak the benchmark reports smca-cpu's GFLOP/s against (csrc/smca.h).
+  m.def("_cpu_fma_peak_gflops() -> float", &cpu_fma_peak_gflops);
 }
 
 }  // namespace smca

@@ -20,6 +20,10 @@ void check_coattention_backward_args(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& out_levels, const at::Tensor& lse,
                                      int64_t S);
 
+// float32 FMA throughput of the CPU kernels' ISA level (cpu/isa.h) on the current threads, in
+// GFLOP/s, measured by a loop of independent multiply-adds (coattention_cpu.cpp).
+double cpu_fma_peak_gflops();
+
 #ifdef SMCA_WITH_CUDA
 int64_t cuda_runtime_version();
 #endif

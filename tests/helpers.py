@@ -3,6 +3,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import pytest
 import torch
 
 # Largest error allowed, relative to the largest magnitude of the float64 reference. Where the
@@ -18,6 +19,18 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, tor
 # Where the tests run the Triton kernels: the GPU when there is one, else CPU tensors through
 # Triton's interpreter (conftest.py switches it on).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# The ISA levels of the C++ CPU kernels (csrc/cpu/isa.h), widest first; SMCA_CPU_ISA forces one.
+CPU_ISAS = ("avx512", "avx2", "default")
+
+
+def cpu_isa_params() -> list:
+    """pytest params, one per CPU ISA level, skipped where this CPU or build lacks the level."""
+    supported = torch.ops.smca._cpu_isas()
+    return [
+        pytest.param(isa, id=isa, marks=[] if isa in supported else pytest.mark.skip(reason=f"this CPU or build lacks {isa}"))
+        for isa in CPU_ISAS
+    ]
 
 
 def allowed_error(dtype: torch.dtype, reference_error: float) -> float:

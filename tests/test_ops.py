@@ -16,7 +16,7 @@ from smca_kernels.triton import backward as triton_backward
 from smca_kernels.triton import forward as triton_forward
 from helpers import (
     TOLERANCE, TRITON_DEVICE, Case, assert_within_reference_error, call, check_dropout_against_cpu,
-    device_kernel_results, grads, leaves, make_inputs, reference_results, relative_error,
+    cpu_isa_params, device_kernel_results, grads, leaves, make_inputs, reference_results, relative_error,
 )
 
 CPU_CASES = [
@@ -39,15 +39,21 @@ TRITON_CASES = [
     Case(Nq=5, D=24, shapes=[(3, 4), (2, 3)], multi=True, mask="random", layout="strided"),  # D padded to 32
 ]
 
-PARAMS = [pytest.param("cpu", case, dtype, id=f"cpu-{str(dtype)[6:]}-{case}") for case in CPU_CASES for dtype in (torch.float64, torch.float32)]
+# The CPU cases at every ISA level of the C++ kernels (SMCA_CPU_ISA), each its own code.
+PARAMS = [
+    pytest.param("cpu", isa.values[0], case, dtype, id=f"cpu-{isa.id}-{str(dtype)[6:]}-{case}", marks=isa.marks)
+    for isa in cpu_isa_params() for case in CPU_CASES for dtype in (torch.float64, torch.float32)
+]
 PARAMS += [
-    pytest.param("triton", case, dtype, id=f"triton-{str(dtype)[6:]}-{case}")
+    pytest.param("triton", None, case, dtype, id=f"triton-{str(dtype)[6:]}-{case}")
     for case in TRITON_CASES for dtype in (torch.float32, torch.float16, torch.bfloat16)
 ]
 
 
-@pytest.mark.parametrize("backend,case,dtype", PARAMS)
-def test_matches_reference(backend, case, dtype):
+@pytest.mark.parametrize("backend,isa,case,dtype", PARAMS)
+def test_matches_reference(backend, isa, case, dtype, monkeypatch):
+    if isa is not None:
+        monkeypatch.setenv("SMCA_CPU_ISA", isa)
     generator = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
     inputs = make_inputs(case, generator)
     grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)

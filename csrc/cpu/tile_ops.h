@@ -1,76 +1,20 @@
-// Building blocks of the CPU co-attention kernels (coattention_cpu.cpp): a row-major matrix
-// product of tiles, a vectorisable exp, and the element-wise passes over one tile of
-// (query rows x keys) of the forward and the backward.
+// Building blocks of the CPU co-attention kernels (cpu/kernels.h): a transpose, dropout factors,
+// and the element-wise passes over one tile of (query rows x keys) of the forward and the
+// backward, written with the vectors of cpu/vec.h.
 //
-// Vectorisation: the element-wise passes are plain loops marked `omp simd`, compiled for each
-// x86-64 ISA level (AVX-512, AVX2, baseline) by `target_clones` and chosen when the library is
-// loaded, so the extension needs no -march flag and still runs on any CPU. (at::vec cannot do
-// that here: it picks its ISA with preprocessor macros, so ATen builds each kernel file once per
-// ISA and dispatches with DispatchStub.)
+// Non-finite inputs are not hidden: a NaN score makes its row's weights NaN (and so its output),
+// as in the reference, while a padded key drops out whatever its score (a select, not -inf
+// added, which would keep a NaN).
+// Part of cpu/kernels.h: included after the target pragma, outside headers already included.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-
-#include <ATen/native/CPUBlas.h>
-
-#include "philox.h"
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define SMCA_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SMCA_CPU_CLONES
-#endif
-
-// Fortran BLAS of the library torch is linked against (MKL, OpenBLAS, ...), for float64.
-extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const double* alpha, const double* a, const int* lda,
-                       const double* b, const int* ldb, const double* beta, double* c,
-                       const int* ldc);
-
-namespace smca::cpu {
-
-// Row-major C (M x N, leading dimension ldc) = A (M x K, lda) B (K x N, ldb), plus the old C
-// when `accumulate`. Callers transpose operands themselves (see transpose), so that float32 can
-// use oneDNN's JIT brgemm ukernel (through at::native::cpublas, which falls back to BLAS where
-// there is none): on AVX-512 it runs these small tiles about twice as fast as MKL's sgemm.
-inline void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                   int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {  // a head dim of 0: the product is empty
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
-    }
-    return;
-  }
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
-}
-
-// float64 (the checking dtype) through BLAS. Column-major BLAS sees each row-major matrix as its
-// transpose, so C^T = B^T A^T is the same call with the operands swapped.
-inline void matmul(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                   const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  const char no_trans = 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  // BLAS rejects a leading dimension of 0, which a head dim of 0 gives.
-  const int ld_b = static_cast<int>(std::max<int64_t>(ldb, 1));
-  const int ld_a = static_cast<int>(std::max<int64_t>(lda, 1));
-  const int ld_c = static_cast<int>(ldc);
-  const double one = 1.0, beta = accumulate ? 1.0 : 0.0;
-  dgemm_(&no_trans, &no_trans, &m, &n, &k, &one, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
-}
+namespace smca::cpu::SMCA_ISA {
 
 // dst (cols x rows, leading dimension ld_dst) = src^T, src (rows x cols, leading dimension
 // ld_src). In 16 x 16 blocks, so that both the reads and the writes of a block stay in a few
 // cache lines (row by row, a 512 x 32 tile takes seven times as long).
 template <typename T>
-SMCA_CPU_CLONES void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
-                               int64_t ld_dst) {
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
   constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
     const int64_t i1 = std::min(i0 + kBlock, rows);
@@ -83,44 +27,15 @@ SMCA_CPU_CLONES void transpose(const T* src, int64_t rows, int64_t cols, int64_t
   }
 }
 
-// exp(x) for float in branch-free arithmetic that vectorises (Cephes expf: x = n ln2 + r,
-// |r| <= ln2 / 2, degree-7 polynomial for exp(r), 2^n built in the exponent bits); relative
-// error below 1e-7. Returns exactly 0 below the smallest normal result, -inf included, which is
-// how masked keys drop out.
-inline float exp_approx(float x) {
-  constexpr float kMin = -87.33654f, kMax = 88.37626f;
-  // Clamped with the comparisons that maxps / minps implement: one instruction each.
-  float xc = x > kMin ? x : kMin;
-  xc = xc < kMax ? xc : kMax;
-  // Round to nearest by adding and removing 1.5 * 2^23.
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;  // ln2 in two parts, exact product with the first
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < kMin ? 0.0f : p * two_n;
-}
-
-// float64 is the checking dtype: exact libm exp, not vectorised.
-inline double exp_approx(double x) { return std::exp(x); }
-
 // Dropout factors of one tile: keep[r, j] = 1 / (1 - p) if philox_uniform(seed, offset) >= p,
 // else 0, with offset = first_offset + r * row_offset_stride + j (philox.h).
 template <typename T>
-SMCA_CPU_CLONES void dropout_factors(
-    T* keep,  // (rows, cols)
+void dropout_factors(
+    T* keep, int64_t ld,  // (rows, cols), leading dimension ld
     int64_t rows, int64_t cols, uint64_t seed, uint64_t first_offset,
     uint64_t row_offset_stride, float p, T keep_scale) {
   for (int64_t r = 0; r < rows; ++r) {
-    T* keep_row = keep + r * cols;
+    T* keep_row = keep + r * ld;
     const uint64_t offset = first_offset + static_cast<uint64_t>(r) * row_offset_stride;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
@@ -130,67 +45,123 @@ SMCA_CPU_CLONES void dropout_factors(
   }
 }
 
-// Forward, one tile of one level: S = scale * q k^T + logG + key padding bias, then the online
-// softmax update of each row (flash attention): the running max and sum, and the running output
-// `acc` rescaled to the new max. On return `scores` holds the unnormalised weights exp(S - max)
-// to multiply with V (times the dropout factors with kDropout); the row sum is of the undropped
-// weights.
-// kDropout is a template argument, not a test of `keep` in the loop: a masked-off vector load
-// from a null `keep` still costs a fault-suppression assist per vector on some CPUs (ten times
-// slower here).
-template <typename T, bool kDropout>
-SMCA_CPU_CLONES void softmax_tile_update(
-    T* scores,                         // (rows, cols) in: q k^T; out: weights
-    const T* keep,                     // (rows, cols) dropout factors when kDropout
-    int64_t rows, int64_t cols, T scale,
+// The tile passes below go over a row in whole vectors of V. The last vector may reach past
+// `cols` (up to the leading dimension `ld` of the tile buffers, and into the padding of the key
+// arrays, KeyLayout): its extra lanes are treated as padded keys, so they drop out.
+// kMasked: the call has a key padding mask (key_bias may hold -inf); kDropout: dropout factors
+// are applied. Both are template arguments rather than tests in the loops: without them the
+// loops skip their selects, and a masked-off vector load from a null `keep` still costs a
+// fault-suppression assist per vector on some CPUs (ten times slower here).
+//
+// The passes need only per-row constants: each runs on one row block of the tile, right after
+// the product that made its input (matmul's epilogue), while the block is still in L1; a pass
+// over the whole tile would read it back from L2.
+
+// The lanes of keys [j, j + W) that take part: unpadded (with kMasked) and before `cols` (in
+// the last vector, kTail).
+template <class V, bool kMasked, bool kTail, typename T>
+typename V::Mask live_lanes(const T* key_bias, int64_t j, int64_t cols) {
+  if constexpr (kMasked && kTail) {
+    return V::both(V::eq(V::load(key_bias + j), V::zero()), V::first(cols - j));
+  } else if constexpr (kMasked) {
+    return V::eq(V::load(key_bias + j), V::zero());
+  } else {
+    return V::first(cols - j);
+  }
+}
+
+// Calls body(j, kTail) for the vectors of [0, cols): std::false_type for the whole ones,
+// std::true_type for a last one that reaches past cols.
+template <int W, class Body>
+inline void for_each_vector(int64_t cols, Body&& body) {
+  int64_t j = 0;
+  for (; j + W <= cols; j += W) body(j, std::false_type{});
+  if (j < cols) body(j, std::true_type{});
+}
+
+// exp(S - m) is computed as exp2((S - m) log2(e)), the cheaper function. log2(e) multiplies the
+// difference, not S and m apart: with a centre far outside the map both are ~ -1e3, and
+// rounding each after the product would err by ~1e-4 in every weight.
+constexpr double kLog2e = 1.4426950408889634;
+
+// Per-row constants of a tile: row r's centre (cx, cy) and precision (px, py) at
+// centers[r * coord_stride] and precision[r * coord_stride].
+template <typename T>
+struct RowCoords {
+  const T* centers;
+  const T* precision;
+  int64_t coord_stride;
+};
+
+// Forward, rows [i0, i0 + rows) of a tile of `cols` keys: S = scale q k^T + logG (-inf at a
+// padded key), then the online softmax update of each row (flash attention): the running max and
+// sum, and the running output `acc` rescaled to the new max. On return `scores` holds the
+// unnormalised weights exp(S - max) to multiply with V (times the dropout factors with
+// kDropout); the row sum is of the undropped weights. A NaN score makes its row's sum NaN, and so
+// the row's output.
+template <typename T, bool kMasked, bool kDropout>
+void softmax_rows(
+    T* scores, int64_t ld,             // (rows, cols). in: (scale q) k^T; out: weights
+    const T* keep,                     // (rows, cols), leading dimension ld: dropout factors
+    int64_t i0, int64_t rows, int64_t cols,
     const T* key_x, const T* key_y,    // (cols) grid cell of each key, in the level's units
-    const T* key_bias,                 // (cols) 0, or -inf for a padded key
-    const T* centers,                  // row r: (cx, cy) at centers[r * coord_stride]
-    const T* precision,                // row r: (px, py) at precision[r * coord_stride]
-    int64_t coord_stride,
+    const T* key_bias,                 // (cols) 0, or -inf for a padded key (which drops out)
+    RowCoords<T> coords,
     T* row_max, T* row_sum,            // (rows) running max and sum of exp(S - max)
     T* acc, int64_t head_dim) {        // (rows, head_dim) running sum of weights * v
+  using V = VecOf<T>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    T* s = scores + r * cols;
-    const T cx = centers[r * coord_stride], cy = centers[r * coord_stride + 1];
-    const T px = precision[r * coord_stride], py = precision[r * coord_stride + 1];
-    T tile_max = kNegInf;
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t j = 0; j < cols; ++j) {
-      const T ex = px * (key_x[j] - cx), ey = py * (key_y[j] - cy);
-      const T score = s[j] * scale - (ex * ex + ey * ey) + key_bias[j];
-      s[j] = score;
-      tile_max = score > tile_max ? score : tile_max;
-    }
-    const T new_max = std::max(row_max[r], tile_max);
-    if (new_max == kNegInf) {  // every key so far is padded: nothing to add yet
-      std::fill(s, s + cols, T(0));
-      continue;
-    }
-    T tile_sum = 0;
-#pragma omp simd reduction(+ : tile_sum)
-    for (int64_t j = 0; j < cols; ++j) {
-      const T p = exp_approx(s[j] - new_max);
-      tile_sum += p;
-      if constexpr (kDropout) {
-        s[j] = p * keep[r * cols + j];
-      } else {
-        s[j] = p;
+  const V neg_inf = V::broadcast(kNegInf), log2e = V::broadcast(T(kLog2e));
+  for (int64_t r = i0; r < i0 + rows; ++r) {
+    T* s = scores + r * ld;
+    const T* c = coords.centers + r * coords.coord_stride;
+    const T* pr = coords.precision + r * coords.coord_stride;
+    const V cx = V::broadcast(c[0]), cy = V::broadcast(c[1]);
+    const V px = V::broadcast(pr[0]), py = V::broadcast(pr[1]);
+    V vmax = neg_inf;
+    for_each_vector<V::kWidth>(cols, [&](int64_t j, auto tail) {
+      const V ex = px * (V::load(key_x + j) - cx), ey = py * (V::load(key_y + j) - cy);
+      V score = V::fnma(ex, ex, V::fnma(ey, ey, V::load(s + j)));
+      if constexpr (kMasked || decltype(tail)::value) {
+        score = V::select(live_lanes<V, kMasked, decltype(tail)::value>(key_bias, j, cols),
+                          score, neg_inf);
       }
+      score.store(s + j);
+      vmax = V::max(vmax, score);
+    });
+    T new_max = std::max(row_max[r], V::reduce_max(vmax));
+    if (new_max == kNegInf) {
+      // Every key so far is padded (or has a score of -inf): nothing to add yet, unless a NaN,
+      // which the max skips, is among them.
+      if (std::none_of(s, s + cols, [](T x) { return x != x; })) {
+        std::fill(s, s + cols, T(0));
+        continue;
+      }
+      new_max = std::numeric_limits<T>::quiet_NaN();
     }
+    const V vnew_max = V::broadcast(new_max);
+    V vsum = V::zero();
+    for_each_vector<V::kWidth>(cols, [&](int64_t j, auto) {
+      // 0 at -inf, in the lanes past cols too.
+      const V p = V::exp2((V::load(s + j) - vnew_max) * log2e);
+      vsum = vsum + p;
+      if constexpr (kDropout) {
+        (p * V::load(keep + r * ld + j)).store(s + j);
+      } else {
+        p.store(s + j);
+      }
+    });
     const T rescale = std::exp(row_max[r] - new_max);  // 0 on the first unmasked tile
-    row_sum[r] = row_sum[r] * rescale + tile_sum;
+    row_sum[r] = row_sum[r] * rescale + V::reduce_add(vsum);
     row_max[r] = new_max;
     if (rescale != T(1)) {
       T* acc_row = acc + r * head_dim;
-#pragma omp simd
       for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= rescale;
     }
   }
 }
 
-// Per-row sums over a level's keys, accumulated tile by tile by backward_tile, from which
+// Per-row sums over a level's keys, accumulated tile by tile by backward_rows, from which
 // centre_precision_grads makes the centre and precision gradients (dx = x_j - cx, dy = y_j - cy).
 enum Moment : int {
   kDsDx, kDsDx2, kDsDy, kDsDy2,  // sum_j dS_j w_j for w = dx, dx^2, dy, dy^2
@@ -199,67 +170,85 @@ enum Moment : int {
   kNumMoments
 };
 
-// Backward, one tile of one level: recomputes P = exp(S - lse), S = scale q k^T + logG + bias,
-// then dS = P * (dP - Delta), dP = (g v^T) * dropout factors; leaves in `scores` the weights that
-// multiplied V (dropout(P)) and in `grad_scores` scale * dS (the factor of both dq = scale dS k
-// and dk = scale dS^T q), and adds the tile's keys to each row's moments (Moment).
-// kDropout: as in softmax_tile_update.
-template <typename T, bool kDropout>
-SMCA_CPU_CLONES void backward_tile(
-    T* scores,                         // (rows, cols) in: q k^T; out: dropout(P)
-    T* grad_scores,                    // (rows, cols) in: g v^T; out: scale * dS
-    const T* keep,                     // (rows, cols) dropout factors when kDropout
-    int64_t rows, int64_t cols, T scale,
+// Backward, rows [i0, i0 + rows) of a tile of `cols` keys: recomputes P = exp(S - lse),
+// S = scale q k^T + logG (P = 0 at a padded key), and dS = P (dP - Delta) with
+// dP = (g v^T) * dropout factors, adds the tile's keys to each row's moments (Moment), and leaves
+// in `scores` the weights that multiplied V, dropout(P), and in `grad_scores` dS (dq = scale dS k
+// and dk = scale dS^T q: the kernel applies the scale to dq and dk). A padded key (and a lane
+// past cols) has S = -inf, so P = 0 (NaN in a row whose lse is not finite, as the reference's
+// softmax gives it), and, as the reference's masked_fill passes back, dS = 0, even where its v
+// (and so dP) is not finite.
+template <typename T, bool kMasked, bool kDropout>
+void backward_rows(
+    T* scores, T* grad_scores, int64_t ld,  // (rows, cols). in: (scale q) k^T, g v^T;
+                                            // out: dropout(P), dS
+    const T* keep,                     // (rows, cols), leading dimension ld: dropout factors
+    int64_t i0, int64_t rows, int64_t cols,
     const T* key_x, const T* key_y,    // (cols) grid cell of each key, in the level's units
-    const T* key_bias,                 // (cols) 0, or -inf for a padded key
-    const T* centers,                  // row r: (cx, cy) at centers[r * coord_stride]
-    const T* precision,                // row r: (px, py) at precision[r * coord_stride]
-    int64_t coord_stride,
+    const T* key_bias,                 // (cols) 0, or -inf for a padded key (which drops out)
+    RowCoords<T> coords,
     const T* lse, const T* delta,      // row r: lse[r * stat_stride], delta[r * stat_stride]
     int64_t stat_stride,
     T* moments, int64_t moment_stride) {  // row r: kNumMoments sums at moments[r * moment_stride]
-  for (int64_t r = 0; r < rows; ++r) {
-    T* s = scores + r * cols;
-    T* ds = grad_scores + r * cols;
-    const T cx = centers[r * coord_stride], cy = centers[r * coord_stride + 1];
-    const T px = precision[r * coord_stride], py = precision[r * coord_stride + 1];
-    const T row_lse = lse[r * stat_stride], row_delta = delta[r * stat_stride];
-    T ds_dx = 0, ds_dx2 = 0, ds_dy = 0, ds_dy2 = 0, ds_sum = 0;
-    T p_dx = 0, p_dx2 = 0, p_dy = 0, p_dy2 = 0;
-#pragma omp simd reduction(+ : ds_dx, ds_dx2, ds_dy, ds_dy2, ds_sum, p_dx, p_dx2, p_dy, p_dy2)
-    for (int64_t j = 0; j < cols; ++j) {
-      const T dx = key_x[j] - cx, dy = key_y[j] - cy;
-      const T ex = px * dx, ey = py * dy;
-      const T p = exp_approx(s[j] * scale - (ex * ex + ey * ey) + key_bias[j] - row_lse);
-      T grad;
-      if constexpr (kDropout) {
-        grad = p * (ds[j] * keep[r * cols + j] - row_delta);
-        s[j] = p * keep[r * cols + j];
-      } else {
-        grad = p * (ds[j] - row_delta);
-        s[j] = p;
+  using V = VecOf<T>;
+  const V zero = V::zero(), log2e = V::broadcast(T(kLog2e));
+  const V neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  for (int64_t r = i0; r < i0 + rows; ++r) {
+    T* s = scores + r * ld;
+    T* ds = grad_scores + r * ld;
+    const T* c = coords.centers + r * coords.coord_stride;
+    const T* pr = coords.precision + r * coords.coord_stride;
+    const V cx = V::broadcast(c[0]), cy = V::broadcast(c[1]);
+    const V px = V::broadcast(pr[0]), py = V::broadcast(pr[1]);
+    const V row_lse = V::broadcast(lse[r * stat_stride]);
+    const V row_delta = V::broadcast(delta[r * stat_stride]);
+    // Two passes over the row, so that neither needs more registers than AVX2 has (16): P and
+    // dS first, then their moments (and dropout applied to P).
+    for_each_vector<V::kWidth>(cols, [&](int64_t j, auto tail) {
+      constexpr bool kSelect = kMasked || decltype(tail)::value;
+      const V ex = px * (V::load(key_x + j) - cx), ey = py * (V::load(key_y + j) - cy);
+      V score = V::fnma(ex, ex, V::fnma(ey, ey, V::load(s + j)));
+      typename V::Mask live{};
+      if constexpr (kSelect) {
+        live = live_lanes<V, kMasked, decltype(tail)::value>(key_bias, j, cols);
+        score = V::select(live, score, neg_inf);
       }
-      ds[j] = grad * scale;
-      ds_dx += grad * dx;
-      ds_dx2 += grad * dx * dx;
-      ds_dy += grad * dy;
-      ds_dy2 += grad * dy * dy;
-      ds_sum += grad;
-      p_dx += p * dx;
-      p_dx2 += p * dx * dx;
-      p_dy += p * dy;
-      p_dy2 += p * dy * dy;
-    }
+      const V p = V::exp2((score - row_lse) * log2e);
+      V grad_p = V::load(ds + j);
+      if constexpr (kDropout) grad_p = grad_p * V::load(keep + r * ld + j);
+      V grad = p * (grad_p - row_delta);
+      if constexpr (kSelect) grad = V::select(live, grad, zero);
+      p.store(s + j);
+      grad.store(ds + j);
+    });
+    V ds_dx = zero, ds_dx2 = zero, ds_dy = zero, ds_dy2 = zero, ds_sum = zero;
+    V p_dx = zero, p_dx2 = zero, p_dy = zero, p_dy2 = zero;
+    // P and dS are 0 in the lanes past cols, but in a row whose lse is not finite.
+    for_each_vector<V::kWidth>(cols, [&](int64_t j, auto) {
+      const V dx = V::load(key_x + j) - cx, dy = V::load(key_y + j) - cy;
+      const V p = V::load(s + j), grad = V::load(ds + j);
+      const V grad_dx = grad * dx, grad_dy = grad * dy, p_dx_j = p * dx, p_dy_j = p * dy;
+      ds_dx = ds_dx + grad_dx;
+      ds_dx2 = V::fma(grad_dx, dx, ds_dx2);
+      ds_dy = ds_dy + grad_dy;
+      ds_dy2 = V::fma(grad_dy, dy, ds_dy2);
+      ds_sum = ds_sum + grad;
+      p_dx = p_dx + p_dx_j;
+      p_dx2 = V::fma(p_dx_j, dx, p_dx2);
+      p_dy = p_dy + p_dy_j;
+      p_dy2 = V::fma(p_dy_j, dy, p_dy2);
+      if constexpr (kDropout) (p * V::load(keep + r * ld + j)).store(s + j);
+    });
     T* m = moments + r * moment_stride;
-    m[kDsDx] += ds_dx;
-    m[kDsDx2] += ds_dx2;
-    m[kDsDy] += ds_dy;
-    m[kDsDy2] += ds_dy2;
-    m[kDs] += ds_sum;
-    m[kPDx] += p_dx;
-    m[kPDx2] += p_dx2;
-    m[kPDy] += p_dy;
-    m[kPDy2] += p_dy2;
+    m[kDsDx] += V::reduce_add(ds_dx);
+    m[kDsDx2] += V::reduce_add(ds_dx2);
+    m[kDsDy] += V::reduce_add(ds_dy);
+    m[kDsDy2] += V::reduce_add(ds_dy2);
+    m[kDs] += V::reduce_add(ds_sum);
+    m[kPDx] += V::reduce_add(p_dx);
+    m[kPDx2] += V::reduce_add(p_dx2);
+    m[kPDy] += V::reduce_add(p_dy);
+    m[kPDy2] += V::reduce_add(p_dy2);
   }
 }
 
@@ -282,4 +271,4 @@ inline void centre_precision_grads(
   grad_precision[1] = -2 * py * (m[kDsDy2] - e * m[kPDy2]);
 }
 
-}  // namespace smca::cpu
+}  // namespace smca::cpu::SMCA_ISA
