@@ -69,10 +69,13 @@ def attention_weights(
 
     One level without alpha: W = softmax(scale q k^T + logG). Several levels: level s gets
     alpha_s * softmax over its own keys. centers, precision (B, H, Nq, S, 2); alpha (B, H, Nq, S).
-    Scores are computed in q's dtype, the prior in the coordinates' dtype.
+    Scores are computed in q's dtype, the prior in the coordinates' dtype. q and k are each
+    scaled by sqrt(scale) before their product (as SDPA's math path does), so that in 16 bits a
+    q k^T that overflows while scale q k^T fits gives finite scores.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    root = scale**0.5
+    scores = torch.matmul(q * root, (k * root).transpose(-1, -2))
     weights, start = [], 0
     for level, (height, width) in enumerate(spatial_shapes):
         end = start + height * width

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "philox.h"
 #include "smca.h"
@@ -316,10 +317,12 @@ __global__ void forward_combine_kernel(
     const float* __restrict__ l_part,    // (splits, num_rows, S)
     const float* __restrict__ acc_part,  // (splits, num_rows, S, D)
     const float* __restrict__ alpha,     // (num_rows, S), nullptr when absent (then S == 1)
+    const bool* __restrict__ live,       // (B, S) the level has an unpadded key; nullptr: all do
     scalar_t* __restrict__ out,          // (num_rows, D)
     scalar_t* __restrict__ out_levels,   // (num_rows, S, D), nullptr when alpha is absent
     float* __restrict__ lse,             // (num_rows, S)
-    const int64_t num_rows, const int S, const int D, const int num_splits) {
+    const int64_t num_rows, const int64_t rows_per_batch, const int S, const int D,
+    const int num_splits) {
   const int64_t split_stride = num_rows * S;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        idx < num_rows * D; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -330,17 +333,21 @@ __global__ void forward_combine_kernel(
       const int64_t rs = row * S + s;
       float m_max = -INFINITY;
       for (int sp = 0; sp < num_splits; ++sp) m_max = fmaxf(m_max, m_part[sp * split_stride + rs]);
+      // While every score is -inf (masked), subtract 0 instead to avoid inf - inf.
+      const float m_ref = m_max == -INFINITY ? 0.f : m_max;
       float l = 0.f, acc = 0.f;
-      if (m_max != -INFINITY) {  // else every key of the level is masked: l = 0
-        for (int sp = 0; sp < num_splits; ++sp) {
-          const int64_t part = sp * split_stride + rs;
-          const float w = __expf(m_part[part] - m_max);  // 0 for a split with m = -inf
-          l += w * l_part[part];
-          acc += w * acc_part[part * D + d];
-        }
+      for (int sp = 0; sp < num_splits; ++sp) {
+        const int64_t part = sp * split_stride + rs;
+        const float w = __expf(m_part[part] - m_ref);  // 0 for a split with m = -inf (times its NaN)
+        l += w * l_part[part];
+        acc += w * acc_part[part * D + d];
       }
-      const float out_s = l > 0.f ? acc / l : 0.f;
-      if (d == 0) lse[rs] = l > 0.f ? m_max + logf(l) : INFINITY;
+      // A level with no unpadded key: lse = +inf and out_s = acc = sum_j 0 * v_j, as the
+      // reference's product with zero weights (0, or NaN where a v_j is not finite). Otherwise
+      // acc / l, NaN where l is 0 (every score -inf) or NaN (a NaN score), as softmax gives.
+      const bool level_live = live == nullptr || live[(row / rows_per_batch) * S + s];
+      const float out_s = level_live ? acc / l : acc;
+      if (d == 0) lse[rs] = level_live ? m_max + logf(l) : INFINITY;
       if (out_levels != nullptr) out_levels[rs * D + d] = static_cast<scalar_t>(out_s);
       mixed += (alpha != nullptr ? alpha[rs] : 1.f) * out_s;
     }
@@ -686,17 +693,20 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(
 #pragma unroll
       for (int n = 0; n < RN; ++n) {
         float p = 0.f, ds = 0.f;
-        if (i < Nq && key_ok[n]) {
-          p = __expf(score(kq[n][m], scale, kx[n] - cx, ky[n] - cy, px, py) - lse_i);
+        if (i < Nq && k0 + ty + kGrid * n < end) {
+          // A padded key has score -inf: P = 0, but NaN in a row whose lse is not finite, as
+          // the reference gives; and dS = 0, as its masked_fill passes back, whatever dP.
+          p = __expf((key_ok[n] ? score(kq[n][m], scale, kx[n] - cx, ky[n] - cy, px, py)
+                                : -INFINITY) - lse_i);
           float dp = vg[n][m];
           if (dropout_p > 0.f) {
             const int64_t offset = (row0 + i) * L + (k0 + ty + kGrid * n);
             const float z = dropout_factor(seed, offset, dropout_p, inv_keep);
             dp *= z;
-            ds = p * (dp - delta_i);
+            ds = key_ok[n] ? p * (dp - delta_i) : 0.f;
             p *= z;
           } else {
-            ds = p * (dp - delta_i);
+            ds = key_ok[n] ? p * (dp - delta_i) : 0.f;
           }
         }
         p_tile[(ty + kGrid * n) * LP + ii] = p;
@@ -800,6 +810,19 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// (B, S) bool: level s of batch element b has an unpadded key; undefined without a mask.
+at::Tensor live_levels(const Problem& p) {
+  if (!p.mask.defined()) return at::Tensor();
+  std::vector<at::Tensor> levels;
+  int64_t start = 0;
+  for (int64_t s = 0; s < p.S; ++s) {
+    const int64_t size = p.spatial_shapes[2 * s] * p.spatial_shapes[2 * s + 1];
+    levels.push_back(p.mask.narrow(1, start, size).logical_not().any(1));
+    start += size;
+  }
+  return at::stack(levels, 1).contiguous();
+}
+
 // Splits of the key axis: enough blocks for about two per SM, at least two key tiles a split.
 int key_splits(int64_t blocks, int num_tiles) {
   const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -855,12 +878,14 @@ void run_forward(const Problem& p, at::Tensor& out, at::Tensor& out_levels, at::
       static_cast<int>(q_tiles), p.scale, p.dropout_p, p.seed);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  const at::Tensor live = live_levels(p);
   forward_combine_kernel<scalar_t>
       <<<elementwise_blocks(num_rows * D), kElementwiseThreads, 0, stream>>>(
           m_part.data_ptr<float>(), l_part.data_ptr<float>(), acc_part.data_ptr<float>(),
-          p.alpha_ptr(), out.data_ptr<scalar_t>(),
+          p.alpha_ptr(), live.defined() ? live.data_ptr<bool>() : nullptr,
+          out.data_ptr<scalar_t>(),
           p.alpha.defined() ? out_levels.data_ptr<scalar_t>() : nullptr, lse.data_ptr<float>(),
-          num_rows, static_cast<int>(p.S), D, splits);
+          num_rows, p.H * p.Nq, static_cast<int>(p.S), D, splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

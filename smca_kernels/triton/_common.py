@@ -216,3 +216,15 @@ def mask_arg(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor) -> t
         return dummy
     return key_padding_mask.contiguous().view(torch.uint8)
 
+
+def live_levels(key_padding_mask: Optional[torch.Tensor], levels: torch.Tensor) -> torch.Tensor:
+    """(B, S) uint8, 1 where level s of batch element b has an unpadded key, or `levels` (the
+    level_table) as a dummy pointer without a mask, where every level is live. A level with none
+    gets out_s = 0 and lse = +inf; a live level whose scores are all -inf (an infinite precision,
+    say) gets NaN, as softmax gives. Device ops only (no copy from the host)."""
+    if key_padding_mask is None:
+        return levels
+    ends = (levels[:, 0] + levels[:, 1] * levels[:, 2]).long()  # (S,) one past each level's keys
+    unpadded = (~key_padding_mask).to(torch.int32).cumsum(1)[:, ends - 1]  # (B, S) up to each end
+    per_level = torch.diff(unpadded, dim=1, prepend=torch.zeros_like(unpadded[:, :1]))
+    return (per_level > 0).to(torch.uint8)

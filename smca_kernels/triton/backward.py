@@ -18,7 +18,8 @@ taken out: sum_j dS_ij w_j -> sum_j dS_ij w_j - e sum_j P_ij w_j.
    forward's; each split writes float32 partial sums that are added afterwards (a fixed order:
    deterministic), then centre_precision_grads applies the correction above.
 P is recomputed from the saved lse; lse = +inf (all keys of the level masked) gives P = 0 and so
-zero gradients.
+zero gradients. At a padded key dS = 0 whatever dP (a non-finite v there must not reach dq, dk),
+while P is exp2(-inf - lse): 0, but NaN in a row whose lse is not finite, as the reference gives.
 """
 from typing import List, Optional, Tuple
 
@@ -167,7 +168,9 @@ def _dkdv_kernel(
         else:
             dropped_w_t = w_t
         grad_v += tl.dot(dropped_w_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
-        ds_t = w_t * (dw_t - dot[None, :])
+        # dS = 0 at a padded key, as the reference's masked_fill passes back, even where its v
+        # (and so dP) is not finite.
+        ds_t = tl.where(key_ok[:, None], w_t * (dw_t - dot[None, :]), 0.0)
         grad_k += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     tl.store(grad_k_ptr + kv_offs, (grad_k * scale).to(grad_k_ptr.dtype.element_ty), mask=kv_mask)
@@ -279,7 +282,7 @@ def _dq_kernel(
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rows[:, None], keys[None, :], L, dropout_p)
                 dw = tl.where(keep, dw * keep_scale, 0.0)
-            ds = w * (dw - dot[:, None])
+            ds = tl.where(key_ok[None, :], w * (dw - dot[:, None]), 0.0)  # 0 at a padded key
             grad_q += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             ds_dx = ds * dx
             ds_dy = ds * dy

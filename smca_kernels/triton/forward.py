@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ._common import (
     LN2, LOG2E, block_d, bucket, check_args, configs, default_num_splits, dot_precision,
-    dropout_keep, level_sizes, level_table, load_gaussian, log_prior, mask_arg, valid_keys,
+    dropout_keep, level_sizes, level_table, live_levels, load_gaussian, log_prior, mask_arg,
+    valid_keys,
 )
 
 # Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
@@ -28,15 +29,24 @@ _COMBINE_BLOCK_M = 16
 
 
 @triton.jit
-def _finish_level(m2, l, acc):
+def _finish_level(m2, l, acc, live):
     """(out_s, lse) of one level from the base-2 running max m2 (BLOCK_M,), the softmax
-    denominator l (BLOCK_M,) and the unnormalised sum acc (BLOCK_M, BLOCK_D). A row whose keys are
-    all masked has l == 0 (any unmasked key contributes exp2(0) = 1): out_s = 0, lse = +inf."""
-    empty = l == 0.0
-    l = tl.where(empty, 1.0, l)
-    out_s = acc / l[:, None]
-    lse = tl.where(empty, float("inf"), (m2 + tl.log2(l)) * LN2)
+    denominator l (BLOCK_M,) and the unnormalised sum acc (BLOCK_M, BLOCK_D). A level whose keys
+    are all masked (live false) has lse = +inf and out_s = acc = sum_j 0 * v_j, as the reference's
+    product with zero weights: 0, or NaN where a v_j is not finite. Otherwise out_s = acc / l, NaN
+    where l is 0 (every score -inf) or NaN (a NaN score), as softmax gives."""
+    out_s = tl.where(live, acc / l[:, None], acc)
+    lse = tl.where(live, (m2 + tl.log2(l)) * LN2, float("inf"))
     return out_s, lse
+
+
+@triton.jit
+def _level_live(live_ptr, s, HAS_MASK: tl.constexpr):
+    """Whether level s of this program's batch element has an unpadded key; live_ptr: (S,) uint8
+    row of the batch element (live_levels)."""
+    if HAS_MASK:
+        return tl.load(live_ptr + s) != 0
+    return True
 
 
 @triton.jit
@@ -73,6 +83,7 @@ def _forward_kernel(
     alpha_ptr,  # (B, H, Nq, S) float32; read when HAS_ALPHA and not SPLIT
     levels_ptr,  # (S, 3) int32 rows (start, height, width)
     mask_ptr,  # (B, L) uint8, 1 = ignore the key; read when HAS_MASK
+    live_ptr,  # (B, S) uint8, 1 = the level has an unpadded key; read when HAS_MASK
     out_ptr,  # (B, H, Nq, D) q dtype; written when not SPLIT
     out_levels_ptr,  # (B, H, Nq, S, D) q dtype; written when HAS_ALPHA and not SPLIT
     lse_ptr,  # (B, H, Nq, S) float32; written when not SPLIT
@@ -96,6 +107,7 @@ def _forward_kernel(
     centers_ptr += bh * Nq * S * 2
     precision_ptr += bh * Nq * S * 2
     mask_ptr += (bh // H) * L
+    live_ptr += (bh // H) * S
     if SPLIT:
         part = split * tl.num_programs(1) + bh  # (split, batch, head) slice
         part_acc_ptr += part * Nq * S * HEAD_DIM
@@ -166,7 +178,7 @@ def _forward_kernel(
             tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
                      mask=row_ok[:, None] & d_ok[None, :])
         else:
-            out_s, lse = _finish_level(m_i, l_i, acc)
+            out_s, lse = _finish_level(m_i, l_i, acc, _level_live(live_ptr, s, HAS_MASK))
             out = _store_level(out, out_s, lse, idx, row_ok, offs_d, d_ok, alpha_ptr,
                                out_levels_ptr, lse_ptr, HEAD_DIM, HAS_ALPHA)
 
@@ -181,15 +193,17 @@ def _combine_kernel(
     part_max_ptr,  # (num_splits, B, H, Nq, S) float32, base 2
     part_sum_ptr,  # (num_splits, B, H, Nq, S) float32
     alpha_ptr,  # (B, H, Nq, S) float32; read when HAS_ALPHA
+    live_ptr,  # (B, S) uint8, 1 = the level has an unpadded key; read when HAS_MASK
     out_ptr,  # (B, H, Nq, D) q dtype
     out_levels_ptr,  # (B, H, Nq, S, D) q dtype; written when HAS_ALPHA
     lse_ptr,  # (B, H, Nq, S) float32
-    Nq, S, num_splits,
+    H, Nq, S, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    live_ptr += (bh // H) * S
     out_ptr += bh * Nq * HEAD_DIM
     out_levels_ptr += bh * Nq * S * HEAD_DIM
     alpha_ptr += bh * Nq * S
@@ -213,14 +227,14 @@ def _combine_kernel(
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         l = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for split in range(num_splits):
+        for split in range(num_splits):  # a split with m = -inf: weight 0 (times its NaN, if any)
             weight = tl.exp2(tl.load(part_max_ptr + split * split_stride + idx, mask=row_ok,
                                      other=float("-inf")) - m_safe)
             l += weight * tl.load(part_sum_ptr + split * split_stride + idx, mask=row_ok, other=0.0)
             acc_ptrs = part_acc_ptr + split * split_stride * HEAD_DIM + idx[:, None] * HEAD_DIM
             acc += weight[:, None] * tl.load(acc_ptrs + offs_d[None, :],
                                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        out_s, lse = _finish_level(m, l, acc)
+        out_s, lse = _finish_level(m, l, acc, _level_live(live_ptr, s, HAS_MASK))
         out = _store_level(out, out_s, lse, idx, row_ok, offs_d, d_ok, alpha_ptr,
                            out_levels_ptr, lse_ptr, HEAD_DIM, HAS_ALPHA)
     tl.store(out_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -277,12 +291,13 @@ def coattention_forward(
     out_levels_arg = out if alpha is None else out_levels
     levels = level_table(spatial_shapes, q.device)
     mask = mask_arg(key_padding_mask, levels)
+    live = live_levels(key_padding_mask, levels)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H, num_splits)
 
     _forward_kernel[grid](
-        q, k, v, centers, precision, alpha_arg, levels, mask,
+        q, k, v, centers, precision, alpha_arg, levels, mask, live,
         out, out_levels_arg, lse, part_acc, part_max, part_sum,
         H, Nq, L, S, num_splits,
         scale, dropout_p, seed,
@@ -293,9 +308,9 @@ def coattention_forward(
     )
     if split:
         _combine_kernel[(triton.cdiv(Nq, _COMBINE_BLOCK_M), B * H)](
-            part_acc, part_max, part_sum, alpha_arg, out, out_levels_arg, lse,
-            Nq, S, num_splits,
+            part_acc, part_max, part_sum, alpha_arg, live, out, out_levels_arg, lse,
+            H, Nq, S, num_splits,
             HEAD_DIM=D, BLOCK_D=block_d(D), HAS_ALPHA=alpha is not None,
-            BLOCK_M=_COMBINE_BLOCK_M,
+            HAS_MASK=key_padding_mask is not None, BLOCK_M=_COMBINE_BLOCK_M,
         )
     return out, out_levels, lse
