@@ -8,7 +8,10 @@ Each backend runs in a fresh subprocess, so its memory figures are its own. Repo
 minimum step time over --repeats steps after --warmup steps, and peak memory of a step above what
 the model, optimizer and batch already hold: on CUDA torch.cuda.max_memory_allocated after
 reset_peak_memory_stats; on CPU the growth of the process's peak resident set (ru_maxrss) over its
-resident set before the first step. Prints a table and writes benchmarks/results/train_step.csv.
+resident set before the first step. On CPU it also records the CPU model and the ISA levels of
+smca's C++ kernels (SMCA_CPU_ISA) and of ATen (ATEN_CPU_CAPABILITY): set those and
+ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS to time an AVX2 machine on an AVX-512 one. Prints a
+table and appends to benchmarks/results/train_step.csv.
 """
 
 import argparse
@@ -27,6 +30,8 @@ RESULTS = os.path.join(HERE, "results", "train_step.csv")
 FIELDS = [
     "device",
     "device_name",
+    "cpu_isa",
+    "aten_capability",
     "model",
     "backend",
     "resolved_backend",
@@ -46,6 +51,12 @@ def _resident_mib() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return models[0] if models else platform.processor() or platform.machine()
 
 
 def child(args: argparse.Namespace) -> None:
@@ -100,7 +111,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         # ru_maxrss is in KiB on Linux.
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-        name = platform.processor() or platform.machine()
+        name = _cpu_model()
     if args.backend == "auto":
         resolved = (
             available_backends(device)[0]
@@ -114,6 +125,8 @@ def child(args: argparse.Namespace) -> None:
             dict(
                 device=device.type,
                 device_name=name,
+                cpu_isa=torch.ops.smca._cpu_isa() if device.type == "cpu" else "",
+                aten_capability=torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "",
                 model=cfg.model,
                 backend=args.backend,
                 resolved_backend=resolved,
@@ -181,9 +194,10 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     header = f"{'backend':<20} {'median ms':>10} {'min ms':>10} {'peak MiB':>10}"
+    isa = f", smca kernels {rows[0]['cpu_isa']}, ATen {rows[0]['aten_capability']}" if args.device == "cpu" else ""
     print(
         f"{args.preset} training step, batch {args.batch_size} x {args.height}x{args.width}, "
-        f"{rows[0]['device_name']} ({args.device}), torch {rows[0]['torch']}"
+        f"{rows[0]['device_name']} ({args.device}{isa}), torch {rows[0]['torch']}"
     )
     print(header)
     print("-" * len(header))
