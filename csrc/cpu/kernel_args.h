@@ -103,7 +103,8 @@ struct BackwardTensors {
 };
 
 // One copy of the kernels per ISA level (cpu/kernels.h), float and double each, and the level's
-// float32 FMA throughput on the current threads, in GFLOP/s, from `iterations` steps of a loop.
+// float32 FMA throughput on the current threads, in GFLOP/s, from `iterations` steps of a loop;
+// `Level` names the namespace as a type, for with_level.
 #define SMCA_DECLARE_CPU_KERNELS(isa)                                                        \
   namespace isa {                                                                            \
   template <typename T>                                                                      \
@@ -111,6 +112,17 @@ struct BackwardTensors {
   template <typename T>                                                                      \
   void coattention_backward(const Problem<T>& problem, const BackwardTensors<T>& tensors);   \
   double fma_peak_gflops(int64_t iterations);                                                \
+  struct Level {                                                                             \
+    template <typename T>                                                                    \
+    static void forward(const Problem<T>& problem, const ForwardOutputs<T>& outputs) {       \
+      coattention_forward<T>(problem, outputs);                                              \
+    }                                                                                        \
+    template <typename T>                                                                    \
+    static void backward(const Problem<T>& problem, const BackwardTensors<T>& tensors) {     \
+      coattention_backward<T>(problem, tensors);                                             \
+    }                                                                                        \
+    static double peak_gflops(int64_t iterations) { return fma_peak_gflops(iterations); }    \
+  };                                                                                         \
   }
 SMCA_DECLARE_CPU_KERNELS(generic)
 #if SMCA_CPU_X86_LEVELS
@@ -118,5 +130,20 @@ SMCA_DECLARE_CPU_KERNELS(avx2)
 SMCA_DECLARE_CPU_KERNELS(avx512)
 #endif
 #undef SMCA_DECLARE_CPU_KERNELS
+
+// fn(Level) with the kernels of `isa`.
+template <typename Fn>
+decltype(auto) with_level(Isa isa, Fn&& fn) {
+  switch (isa) {
+#if SMCA_CPU_X86_LEVELS
+    case Isa::kAvx512:
+      return fn(avx512::Level{});
+    case Isa::kAvx2:
+      return fn(avx2::Level{});
+#endif
+    default:
+      return fn(generic::Level{});
+  }
+}
 
 }  // namespace smca::cpu
