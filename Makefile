@@ -3,7 +3,8 @@
 # make test:    install, then the test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU).
 # make demo:    install, then the main job: make the built-in data set, train a small SMCA-DETR,
 #               evaluate, draw predictions (python -m smca.demo).
-# make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results).
+# make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results,
+#               the committed tables; run by hand, the script writes to runs/bench).
 # make convergence: install, then the convergence study, SMCA vs DETR (~30 min on 2 CPU cores).
 PYTHON ?= python3
 VENV := .venv
@@ -40,7 +41,7 @@ demo: install
 	$(PY) -m smca.demo
 
 bench: install
-	$(PY) benchmarks/bench_coattention.py
+	$(PY) benchmarks/bench_coattention.py --out benchmarks/results
 
 convergence: install
 	$(PY) benchmarks/convergence.py

@@ -71,7 +71,8 @@ Metrics:
              sdpa_nobias computes another function: it is not checked.
 A provider that fails (unsupported, out of memory, ...) is reported as skipped with the reason.
 Outputs: a table on stdout and coattention_cuda_<dtype>.csv / .png, or
-coattention_cpu_<smca-cpu ISA level>_<dtype>.csv / .png, in --out.
+coattention_cpu_<smca-cpu ISA level>_<dtype>.csv / .png, in --out (runs/bench by default, so that
+a partial run does not replace the committed tables: make bench writes those, to benchmarks/results).
 """
 import argparse
 import csv
@@ -651,7 +652,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch.set_num_threads (default all cores)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: tiny shapes {' '.join(QUICK_SHAPES)}")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench",
+                   help="where the CSV and plot go (default runs/bench; make bench: benchmarks/results, the "
+                   "committed tables)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
@@ -695,10 +698,14 @@ def main(argv=None) -> None:
     if device.type == "cpu":  # the cores may be shared: say how busy they were
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"load average (1, 5, 15 min): {load} on {os.cpu_count()} cores")
-        cpu = cpu_description(torch.get_num_threads())
+        try:
+            cpu = cpu_description(torch.get_num_threads())
+        except ValueError as error:  # SMCA_CPU_ISA names no level this CPU runs
+            raise SystemExit(f"bench_coattention.py: {error}") from None
         meta.update(cpu)
         peak_gflops = cpu["fma_peak_gflops"]
-        print(f"CPU ISA: {cpu['cpu_isa']}; smca-cpu kernels: {cpu['smca_cpu_isa']} (SMCA_CPU_ISA); ATen: "
+        forced = f"SMCA_CPU_ISA={os.environ['SMCA_CPU_ISA']}" if os.environ.get("SMCA_CPU_ISA") else "the widest"
+        print(f"CPU ISA: {cpu['cpu_isa']}; smca-cpu kernels: {cpu['smca_cpu_isa']} ({forced}); ATen: "
               f"{cpu['aten_capability']}; ONEDNN_MAX_CPU_ISA={cpu['onednn_max_cpu_isa'] or '-'}, "
               f"MKL_ENABLE_INSTRUCTIONS={cpu['mkl_enable_instructions'] or '-'}")
         print(f"float32 FMA peak of {torch.get_num_threads()} threads at the kernels' ISA: {cpu['fma_peak_gflops']} "

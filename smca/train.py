@@ -12,7 +12,8 @@ the data's largest category id + 1. --max_size caps the longer image side over -
 --eval_size, as DETR's resize does (a note says when it overrides them).
 
 Every epoch: train, evaluate on val (COCO's 12-line summary), append a JSON line to
-OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth; the log's "step" counts
+OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth (a checkpoint already there is
+only continued, with --resume, never overwritten by a new run); the log's "step" counts
 optimizer steps since the run began. --resume continues from a checkpoint, exactly with the same
 flags; the run's own training settings (lr, lr_backbone, weight_decay, lr_drop, batch_size, seed,
 ...) apply from its first epoch, and a note lists those that differ. Input errors (missing data,
@@ -228,6 +229,19 @@ def _ap_line(coco_stats: Optional[List[float]]) -> str:
     return ", ".join(f"{name} {value:.3f}" for name, value in zip(COCO_STAT_NAMES[:6], coco_stats[:6]))
 
 
+def _check_no_work_is_overwritten(cfg: Config) -> None:
+    """Training writes OUTPUT_DIR/checkpoint.pth: one there from an earlier run may only be
+    continued (--resume with that file), never replaced by a run that starts elsewhere."""
+    if cfg.eval or not cfg.output_dir:
+        return
+    existing = os.path.join(cfg.output_dir, "checkpoint.pth")
+    if os.path.isfile(existing) and not (cfg.resume and os.path.samefile(cfg.resume, existing)):
+        raise CheckpointError(
+            f"--output_dir {cfg.output_dir} already holds {existing} from an earlier run, which this run "
+            f"would overwrite: continue it with --resume {existing}, or give another --output_dir"
+        )
+
+
 def _error_text(err: Exception) -> str:
     """The error's own message: re-raised from a DataLoader worker process, it comes after the
     worker's traceback."""
@@ -259,6 +273,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
         check_compatible(state, cfg, cfg.resume)
+    _check_no_work_is_overwritten(cfg)
 
     model, criterion, postprocessor = build_model(cfg)
     model.to(device)

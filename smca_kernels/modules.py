@@ -49,8 +49,13 @@ class SMCAAttention(nn.MultiheadAttention):
     concatenated maps (scale-selective co-attention, when `alpha` is given).
 
     Args:
-        embed_dim, num_heads, dropout, bias, batch_first, kdim, vdim: as nn.MultiheadAttention.
-        backend: kernel backend of the op: "auto", "reference", "cpu", "triton" or "cuda".
+        embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+            device, dtype: as nn.MultiheadAttention, in its order (add_bias_kv and add_zero_attn
+            must be False: a learnt or zero key has no cell on the feature map).
+        backend (keyword): kernel backend of the op: "auto", "reference", "cpu", "triton" or "cuda".
+    Raises:
+        NotImplementedError: add_bias_kv or add_zero_attn True.
+        ValueError: an unknown backend.
     """
 
     def __init__(
@@ -59,12 +64,24 @@ class SMCAAttention(nn.MultiheadAttention):
         num_heads: int,
         dropout: float = 0.0,
         bias: bool = True,
-        batch_first: bool = False,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
         kdim: Optional[int] = None,
         vdim: Optional[int] = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+        *,
         backend: str = "auto",
     ) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=batch_first, kdim=kdim, vdim=vdim)
+        for name, value in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
+            if value:
+                raise NotImplementedError(
+                    f"{name}=True: SMCAAttention's keys are feature-map cells, an extra key has no cell "
+                    "(pass False)"
+                )
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
+                         batch_first=batch_first, device=device, dtype=dtype)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.backend = backend

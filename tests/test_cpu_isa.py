@@ -33,7 +33,13 @@ def test_isa_choice_follows_smca_cpu_isa(monkeypatch):
         assert torch.ops.smca._cpu_isa() == isa
 
 
-@pytest.mark.parametrize("value", ["sse9", "AVX2", "avx512 "])
+def test_isa_names_are_read_in_any_case(monkeypatch):
+    for isa in torch.ops.smca._cpu_isas():
+        monkeypatch.setenv("SMCA_CPU_ISA", isa.upper())
+        assert torch.ops.smca._cpu_isa() == isa
+
+
+@pytest.mark.parametrize("value", ["sse9", "avx-512", "avx512 "])
 def test_unknown_isa_is_refused_before_any_output(value, monkeypatch):
     monkeypatch.setenv("SMCA_CPU_ISA", value)
     with pytest.raises(ValueError, match=rf"SMCA_CPU_ISA={re.escape(value)}: not an ISA level; expected auto or one of: "):

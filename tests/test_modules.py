@@ -207,3 +207,16 @@ def test_drop_in_for_torch_transformer_layers(batch_first):
         swapped.load_state_dict(getattr(layer, name).state_dict())
         setattr(layer, name, swapped)
         torch.testing.assert_close(call(layer), expected)
+
+
+def test_constructor_takes_multihead_attentions_arguments():
+    """nn.MultiheadAttention's constructor arguments, in its order, positionally (as subclasses and
+    nn.Transformer*Layer's factory_kwargs pass them)."""
+    args = (32, 4, 0.1, False, False, False, 24, 20, True)
+    smca, torch_mha = sk.SMCAAttention(*args, device="cpu", dtype=torch.float64), nn.MultiheadAttention(*args)
+    assert smca.batch_first and smca.kdim == 24 and smca.vdim == 20 and smca.in_proj_bias is None
+    assert smca.q_proj_weight.dtype == torch.float64
+    assert smca.state_dict().keys() == torch_mha.state_dict().keys()
+    for name in ("add_bias_kv", "add_zero_attn"):
+        with pytest.raises(NotImplementedError, match=f"{name}=True"):
+            sk.SMCAAttention(32, 4, **{name: True})

@@ -368,6 +368,21 @@ def test_bad_input_is_a_clear_error_and_touches_no_output(data_root, existing_ou
     assert _digest(out) == before
 
 
+@pytest.mark.parametrize("resume", ["none", "another_checkpoint"])
+def test_a_new_run_never_overwrites_an_earlier_checkpoint(data_root, existing_output, tmp_path, capsys, resume):
+    out, before = existing_output
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    argv = TINY + ["--output_dir", out, "--epochs", "5", "--coco_path", data_root]
+    if resume == "another_checkpoint":  # e.g. starting from another run's weights
+        shutil.copy(checkpoint, tmp_path / "other.pth")
+        argv += ["--resume", str(tmp_path / "other.pth")]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    assert f"already holds {checkpoint} from an earlier run" in capsys.readouterr().err
+    assert _digest(out) == before
+
+
 def test_predict_writes_json_and_png(straight_run, data_root, tmp_path):
     from smca import predict
 

@@ -1,7 +1,8 @@
 #include "cpu/isa.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
-#include <cstring>
 
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
@@ -34,18 +35,20 @@ std::vector<Isa> supported_isas() {
 
 Isa selected_isa() {
   static const std::vector<Isa> supported = supported_isas();
-  const char* requested = std::getenv("SMCA_CPU_ISA");
-  if (requested == nullptr || *requested == '\0' || std::strcmp(requested, "auto") == 0) {
-    return supported.front();
-  }
+  const char* value = std::getenv("SMCA_CPU_ISA");
+  std::string requested = value == nullptr ? "" : value;
+  // Any case, as ONEDNN_MAX_CPU_ISA=AVX2 beside it is written.
+  std::transform(requested.begin(), requested.end(), requested.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (requested.empty() || requested == "auto") return supported.front();
   std::string choices;
   for (Isa isa : supported) {
-    if (std::strcmp(requested, isa_name(isa)) == 0) return isa;
+    if (requested == isa_name(isa)) return isa;
     choices += std::string(choices.empty() ? "" : ", ") + isa_name(isa);
   }
-  const bool known = std::strcmp(requested, "avx512") == 0 || std::strcmp(requested, "avx2") == 0;
+  const bool known = requested == "avx512" || requested == "avx2";
   C10_THROW_ERROR(ValueError,
-                  c10::str("SMCA_CPU_ISA=", requested, ": ",
+                  c10::str("SMCA_CPU_ISA=", value, ": ",
                            known ? "this CPU or build does not support it" : "not an ISA level",
                            "; expected auto or one of: ", choices));
 }

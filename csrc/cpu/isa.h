@@ -8,7 +8,8 @@
 // its architecture; the choice is made per call:
 //
 //   SMCA_CPU_ISA unset or "auto": the widest level this CPU supports;
-//   SMCA_CPU_ISA=avx512 | avx2 | default: that level (an error if this CPU or build lacks it),
+//   SMCA_CPU_ISA=avx512 | avx2 | default (any case): that level (an error if this CPU or build
+//   lacks it),
 //
 // so that every path can be tested and timed on one machine, as ONEDNN_MAX_CPU_ISA and
 // MKL_ENABLE_INSTRUCTIONS do for those libraries. "default" is the architecture's baseline: SSE2
