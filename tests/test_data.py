@@ -567,3 +567,12 @@ def test_annotation_file_with_a_byte_order_mark_reads(tmp_path):
     coco["categories"][0]["name"] = "Fahrrad-Straße"
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco), encoding="utf-8-sig")
     assert _build(root).categories == {1: "Fahrrad-Straße"}
+
+
+@pytest.mark.parametrize("root, message", [(None, "--coco_path: required"), ("", "--coco_path: required"),
+                                           ("/no/such/dir", "data directory '/no/such/dir' does not exist")])
+def test_missing_coco_path_is_named(root, message):
+    from smca.data.coco import coco_paths
+
+    with pytest.raises(DatasetError, match=message):
+        coco_paths(root, "train")

@@ -64,7 +64,9 @@ def coco_paths(root: str, image_set: str) -> Tuple[str, str]:
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set: expected 'train' or 'val', got {image_set!r}")
-    if not root or not os.path.isdir(root):
+    if not root:
+        raise DatasetError("--coco_path: required, a folder with train2017/, val2017/ and annotations/ inside")
+    if not os.path.isdir(root):
         raise DatasetError(
             f"data directory {root!r} does not exist (expected train2017/, val2017/ and annotations/ inside)"
         )

@@ -52,7 +52,8 @@ def capped_sizes_note(sizes: Sequence[int], max_size: int, example: Tuple[int, i
     height, width = example
     new_h, new_w = resized_size(height, width, capped[-1], max_size)
     return (
-        f"shorter side{'s' if len(capped) > 1 else ''} {', '.join(map(str, capped))} exceed max_size {max_size}: "
+        f"shorter side{'s' if len(capped) > 1 else ''} {', '.join(map(str, capped))} "
+        f"exceed{'' if len(capped) > 1 else 's'} max_size {max_size}: "
         f"as in DETR's resize, the cap wins and images get a longer side of {max_size} instead "
         f"(a {width} x {height} image becomes {new_w} x {new_h})"
     )
