@@ -31,11 +31,13 @@ _COMBINE_BLOCK_M = 16
 @triton.jit
 def _finish_level(m2, l, acc, live):
     """(out_s, lse) of one level from the base-2 running max m2 (BLOCK_M,), the softmax
-    denominator l (BLOCK_M,) and the unnormalised sum acc (BLOCK_M, BLOCK_D). A level whose keys
-    are all masked (live false) has lse = +inf and out_s = acc = sum_j 0 * v_j, as the reference's
+    denominator l (BLOCK_M,) and the unnormalised sum acc (BLOCK_M, BLOCK_D); live (BLOCK_M,) is
+    false for rows past Nq, whose results are not stored. A level whose keys are all masked (live
+    false) has lse = +inf and out_s = acc = sum_j 0 * v_j, as the reference's
     product with zero weights: 0, or NaN where a v_j is not finite. Otherwise out_s = acc / l, NaN
     where l is 0 (every score -inf) or NaN (a NaN score), as softmax gives."""
-    out_s = tl.where(live, acc / l[:, None], acc)
+    l = tl.where(live, l, 1.0)  # an empty level's l is not used: no 0 / 0 to compute
+    out_s = tl.where(live[:, None], acc / l[:, None], acc)
     lse = tl.where(live, (m2 + tl.log2(l)) * LN2, float("inf"))
     return out_s, lse
 
@@ -178,7 +180,7 @@ def _forward_kernel(
             tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
                      mask=row_ok[:, None] & d_ok[None, :])
         else:
-            out_s, lse = _finish_level(m_i, l_i, acc, _level_live(live_ptr, s, HAS_MASK))
+            out_s, lse = _finish_level(m_i, l_i, acc, _level_live(live_ptr, s, HAS_MASK) & row_ok)
             out = _store_level(out, out_s, lse, idx, row_ok, offs_d, d_ok, alpha_ptr,
                                out_levels_ptr, lse_ptr, HEAD_DIM, HAS_ALPHA)
 
@@ -234,7 +236,7 @@ def _combine_kernel(
             acc_ptrs = part_acc_ptr + split * split_stride * HEAD_DIM + idx[:, None] * HEAD_DIM
             acc += weight[:, None] * tl.load(acc_ptrs + offs_d[None, :],
                                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        out_s, lse = _finish_level(m, l, acc, _level_live(live_ptr, s, HAS_MASK))
+        out_s, lse = _finish_level(m, l, acc, _level_live(live_ptr, s, HAS_MASK) & row_ok)
         out = _store_level(out, out_s, lse, idx, row_ok, offs_d, d_ok, alpha_ptr,
                            out_levels_ptr, lse_ptr, HEAD_DIM, HAS_ALPHA)
     tl.store(out_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
