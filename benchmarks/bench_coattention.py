@@ -361,23 +361,22 @@ def interleaved_median_ms(steps: Dict[str, Callable], device: torch.device, warm
         for name in names:
             steps[name]()
     _sync(device)
+    calls = [name for r in range(repeats) for name in names[r % len(names):] + names[: r % len(names)]]
     if device.type == "cuda":
         events = {name: [] for name in names}
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                steps[name]()
-                end.record()
-                events[name].append((start, end))
+        for name in calls:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            steps[name]()
+            end.record()
+            events[name].append((start, end))
         torch.cuda.synchronize(device)
         return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in events.items()}
     times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    for name in calls:
+        start = time.perf_counter()
+        steps[name]()
+        times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -551,13 +550,12 @@ def cpu_description(threads: int) -> dict:
     info = dict(cpu=device_name(torch.device("cpu")), cpu_isa=isa, aten_capability=torch.backends.cpu.get_cpu_capability(),
                 onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
                 mkl_enable_instructions=os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
-                smca_cpu_isa=None, fma_peak_gflops=None, nominal_peak_gflops=None)
-    if hasattr(torch.ops.smca, "_cpu_isa"):
-        info["smca_cpu_isa"] = torch.ops.smca._cpu_isa()
-        info["fma_peak_gflops"] = round(max(torch.ops.smca._cpu_fma_peak_gflops() for _ in range(3)), 1)
+                smca_cpu_isa=torch.ops.smca._cpu_isa(),
+                fma_peak_gflops=round(max(torch.ops.smca._cpu_fma_peak_gflops() for _ in range(3)), 1),
+                nominal_peak_gflops=None)
+    if mhz:
         lanes = {"avx512": 16, "avx2": 8}.get(info["smca_cpu_isa"], 4)
-        if mhz:
-            info["nominal_peak_gflops"] = round(threads * mhz / 1e3 * 2 * lanes * 2, 1)
+        info["nominal_peak_gflops"] = round(threads * mhz / 1e3 * 2 * lanes * 2, 1)
     return info
 
 
@@ -732,7 +730,7 @@ def main(argv=None) -> None:
     if device.type == "cuda" and "smca-triton" in providers:
         print_triton_choices()
     args.out.mkdir(parents=True, exist_ok=True)
-    level = f"_{meta['smca_cpu_isa']}" if meta.get("smca_cpu_isa") else ""
+    level = f"_{meta['smca_cpu_isa']}" if device.type == "cpu" else ""
     stem = args.out / f"coattention_{device.type}{level}_{args.dtype}{'_quick' if args.quick else ''}"
     write_csv(stem.with_suffix(".csv"), rows, meta)
     isa = f", kernels {meta['smca_cpu_isa']}, ATen {meta['aten_capability']}" if device.type == "cpu" else ""

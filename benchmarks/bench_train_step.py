@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -53,16 +52,11 @@ def _resident_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return models[0] if models else platform.processor() or platform.machine()
-
-
 def child(args: argparse.Namespace) -> None:
     """Measure one backend in this process; print one JSON line."""
     import torch
 
+    from bench_coattention import device_name  # this folder: the script's own
     from smca import PRESETS, Config
     from smca.models import build_model
     from smca_kernels import available_backends
@@ -107,11 +101,9 @@ def child(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - static) / 2**20
-        name = torch.cuda.get_device_name(device)
     else:
         # ru_maxrss is in KiB on Linux.
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-        name = _cpu_model()
     if args.backend == "auto":
         resolved = (
             available_backends(device)[0]
@@ -124,7 +116,7 @@ def child(args: argparse.Namespace) -> None:
         json.dumps(
             dict(
                 device=device.type,
-                device_name=name,
+                device_name=device_name(device),
                 cpu_isa=torch.ops.smca._cpu_isa() if device.type == "cpu" else "",
                 aten_capability=torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "",
                 model=cfg.model,

@@ -1,6 +1,7 @@
 """The C++ CPU kernels' ISA levels (csrc/cpu/isa.h): the choice and its override, the levels'
 code kept to their own functions, and the sources building for aarch64. Every level's results
-against the reference are in test_ops.py (test_matches_reference, one case per level)."""
+against the reference are in test_ops.py (test_matches_reference: every CPU case at every level)
+and test_numeric_edges.py."""
 import os
 import platform
 import re

@@ -6,7 +6,6 @@ the C++ CPU kernel with the same seed. test_gpu.py runs the same kernels on a GP
 everywhere. `python tests/cuda_emulation.py --sanitizer thread|address` runs it under TSan or
 ASan + UBSan.
 """
-import os
 import zlib
 
 import pytest
@@ -24,11 +23,6 @@ CASES = [
     Case(B=1, H=2, Nq=70, D=64, shapes=[(16, 17), (5, 6)], multi=True, mask="random"),
     Case(B=1, H=1, Nq=33, D=128, shapes=[(9, 13), (2, 3)], multi=True, outside=True),
 ]
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    return cuda_emulation.build(os.environ.get("SMCA_EMULATION_SANITIZER"))
 
 
 def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> None:
@@ -49,8 +43,8 @@ def check(kernels, case: Case, dtype: torch.dtype, dropout_p: float = 0.0) -> No
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_emulated_cuda_matches_reference(kernels, case, dtype):
-    check(kernels, case, dtype)
+def test_emulated_cuda_matches_reference(emulated_cuda, case, dtype):
+    check(emulated_cuda, case, dtype)
 
 
 # Enough keys for at least four key tiles, so that few query blocks split them.
@@ -62,19 +56,19 @@ SPLIT_CASES = [
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
-def test_emulated_cuda_key_splits(kernels, case, monkeypatch):
+def test_emulated_cuda_key_splits(emulated_cuda, case, monkeypatch):
     """With 64 SMs the few blocks of these cases leave SMs idle, so the kernels split the keys
     (grid.y > 1)."""
     monkeypatch.setenv("SMCA_EMULATED_SMS", "64")
-    kernels.reset_widest_grid_y()
-    check(kernels, case, torch.float32)
-    check(kernels, case, torch.float32, dropout_p=0.3)
-    assert kernels.widest_grid_y() > 1, "no key split"
+    emulated_cuda.reset_widest_grid_y()
+    check(emulated_cuda, case, torch.float32)
+    check(emulated_cuda, case, torch.float32, dropout_p=0.3)
+    assert emulated_cuda.widest_grid_y() > 1, "no key split"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_emulated_cuda_dropout_matches_cpu(kernels, case):
-    check(kernels, case, torch.float32, dropout_p=0.3)
+def test_emulated_cuda_dropout_matches_cpu(emulated_cuda, case):
+    check(emulated_cuda, case, torch.float32, dropout_p=0.3)
 
 
 def test_emulation_rewrites_every_launch():

@@ -13,26 +13,26 @@ inf - inf make NaN in one order of operations and inf in another.)
 The C++ CPU kernel runs at every ISA level; the Triton kernels on the GPU or under the
 interpreter; the CUDA kernels on a GPU and through the emulation (tests/cuda_emulation.h).
 """
-import os
 import zlib
 
 import pytest
 import torch
 
-import cuda_emulation
 import smca_kernels as sk
 from helpers import (
     TRITON_DEVICE, Case, call, cpu_isa_params, device_kernel_results, grads, leaves, make_inputs, relative_error,
 )
 
-@pytest.fixture(scope="module")
-def emulated():
-    return cuda_emulation.build(os.environ.get("SMCA_EMULATION_SANITIZER"))
+# The NaN and inf are deliberate: numpy's warnings about them (the Triton interpreter) are noise.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
 
 
-def _overflowing_inputs(dtype: torch.dtype, device: str):
-    """q, k, v (1, 2, 4, 32) in `dtype`, q and k entries of +-60: q.k up to 32 * 3600 = 115200 >
-    65504 (row 0 and key 0 are equal, so it happens), scaled by 32 ** -0.5 at most 20365."""
+def _overflowing_inputs():
+    """q, k, v (1, 2, 4, 32), centres and precision, float64, q and k entries of +-60: q.k up to
+    32 * 3600 = 115200 > 65504 (row 0 and key 0 are equal, so it happens), scaled by 32 ** -0.5 at
+    most 20365."""
     generator = torch.Generator().manual_seed(5)
     signs = torch.randint(0, 2, (2, 1, 2, 4, 32), generator=generator).double() * 2 - 1
     q, k = 60 * signs
@@ -49,7 +49,7 @@ def test_16bit_scores_that_overflow_before_scaling(backend, dtype):
     device = "cuda" if backend == "cuda" else TRITON_DEVICE if backend == "triton" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    q, k, v, centers, precision = _overflowing_inputs(dtype, device)
+    q, k, v, centers, precision = _overflowing_inputs()
     exact = sk.gaussian_coattention(q, k, v, centers, precision, (2, 2), backend="reference")
     q16, k16, v16 = (t.to(device=device, dtype=dtype) for t in (q, k, v))
     out = sk.gaussian_coattention(q16, k16, v16, centers.float().to(device), precision.float().to(device), (2, 2),
@@ -61,19 +61,14 @@ def test_16bit_scores_that_overflow_before_scaling(backend, dtype):
     assert torch.isfinite(weights).all()
 
 
-def test_16bit_scores_that_overflow_before_scaling_emulated_cuda(emulated):
-    q, k, v, centers, precision = _overflowing_inputs(torch.float16, "cpu")
+def test_16bit_scores_that_overflow_before_scaling_emulated_cuda(emulated_cuda):
+    q, k, v, centers, precision = _overflowing_inputs()
     exact = sk.gaussian_coattention(q, k, v, centers, precision, (2, 2), backend="reference")
     coords = [t.float().unsqueeze(3) for t in (centers, precision)]
-    out, _, lse = emulated.forward(q.half(), k.half(), v.half(), *coords, None, [2, 2], None, 32**-0.5, 0.0, 0)
+    out, _, lse = emulated_cuda.forward(q.half(), k.half(), v.half(), *coords, None, [2, 2], None, 32**-0.5, 0.0, 0)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert relative_error(out, exact) < 1e-2
 
-
-# The NaN and inf are deliberate: numpy's warnings about them (the Triton interpreter) are noise.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
 
 CASES = [
     Case(B=2, H=2, Nq=5, D=16, shapes=[(3, 4), (2, 3)], multi=True, mask="empty_level"),
@@ -162,9 +157,9 @@ def test_cuda(case, place, value):
 
 
 @pytest.mark.parametrize("case,place,value", _params(VALUES[:2]))
-def test_cuda_emulated(emulated, case, place, value):
+def test_cuda_emulated(emulated_cuda, case, place, value):
     inputs = _poisoned_inputs(case, place, value)
     grad_out = torch.randn(case.B, case.H, case.Nq, case.D, generator=torch.Generator().manual_seed(0))
-    out, g, _ = device_kernel_results(emulated.forward, emulated.backward, case,
+    out, g, _ = device_kernel_results(emulated_cuda.forward, emulated_cuda.backward, case,
                                       leaves(inputs, torch.float32, "cpu"), grad_out)
     _assert_same_pattern(_finite_pattern(out, g), _reference_pattern(case, inputs, grad_out))

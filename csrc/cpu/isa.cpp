@@ -46,7 +46,10 @@ Isa selected_isa() {
     if (requested == isa_name(isa)) return isa;
     choices += std::string(choices.empty() ? "" : ", ") + isa_name(isa);
   }
-  const bool known = requested == "avx512" || requested == "avx2";
+  bool known = false;  // a level's name, though not one this CPU or build runs
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kDefault}) {
+    known = known || requested == isa_name(isa);
+  }
   C10_THROW_ERROR(ValueError,
                   c10::str("SMCA_CPU_ISA=", value, ": ",
                            known ? "this CPU or build does not support it" : "not an ISA level",

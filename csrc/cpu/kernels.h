@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -85,13 +86,12 @@ void forward_tiles(const Problem<T>& problem, const ForwardOutputs<T>& outputs) 
   const int64_t S = static_cast<int64_t>(keys.level_start.size()) - 1;
   const int64_t L = keys.level_start[S];
   const int64_t query_tiles = (Nq + kQueryTile - 1) / kQueryTile;
-  constexpr bool dropout = kDropout;
   const T keep_scale = static_cast<T>(1.0 / (1.0 - dropout_p));
 
   at::parallel_for(0, B * H * query_tiles, 1, [&](int64_t begin, int64_t end) {
     // Scratch of this thread.
     std::vector<T> scores(kQueryTile * kKeyTile);        // weights of the current tile
-    std::vector<T> keep(dropout ? kQueryTile * kKeyTile : 0);  // dropout factors of the tile
+    std::vector<T> keep(kDropout ? kQueryTile * kKeyTile : 0);  // dropout factors of the tile
     std::vector<T> row_max(kQueryTile), row_sum(kQueryTile);
     std::vector<T> acc(kQueryTile * D);                  // unnormalised output of the level
     std::vector<T> mixed(alpha != nullptr ? kQueryTile * D : 0);  // sum_s alpha_s out_s
@@ -150,7 +150,7 @@ void forward_tiles(const Problem<T>& problem, const ForwardOutputs<T>& outputs) 
              key0 += kKeyTile) {
           const int64_t cols = std::min(kKeyTile, keys.level_start[s + 1] - key0);
           const int64_t ld = padded_cols<T>(cols);
-          if constexpr (dropout) {
+          if constexpr (kDropout) {
             dropout_factors<T>(keep.data(), ld, rows, cols, seed,
                                static_cast<uint64_t>(first_row * L + key0),
                                static_cast<uint64_t>(L), static_cast<float>(dropout_p),
@@ -199,7 +199,6 @@ void backward_tiles(const Problem<T>& problem, const BackwardTensors<T>& tensors
   T* grad_alpha = tensors.grad_alpha;
   const int64_t S = static_cast<int64_t>(keys.level_start.size()) - 1;
   const int64_t L = keys.level_start[S];
-  constexpr bool dropout = kDropout;
   const T keep_scale = static_cast<T>(1.0 / (1.0 - dropout_p));
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -207,7 +206,7 @@ void backward_tiles(const Problem<T>& problem, const BackwardTensors<T>& tensors
     std::vector<T> scores(kQueryTile * kKeyTile);       // P, then dropout(P), of the tile
     std::vector<T> grad_scores(kQueryTile * kKeyTile);  // dP, then dS, of the tile
     std::vector<T> query(Nq * D);                       // the head's q times scale
-    std::vector<T> keep(dropout ? kQueryTile * kKeyTile : 0);  // dropout factors of the tile
+    std::vector<T> keep(kDropout ? kQueryTile * kKeyTile : 0);  // dropout factors of the tile
     std::vector<T> key_t(D * kKeyTile), value_t(D * kKeyTile);  // (D, cols) K, V tiles transposed
     std::vector<T> level_grad(alpha != nullptr ? Nq * D : 0);  // (Nq, D) g_s = alpha_s grad_out
     std::vector<T> delta(Nq * S);        // (Nq, S) Delta_is = <g_s,i, out_is>
@@ -246,10 +245,9 @@ void backward_tiles(const Problem<T>& problem, const BackwardTensors<T>& tensors
       for (int64_t s = 0; s < S; ++s) {
         // No gradient from a fully padded level (out_s = 0), nor without queries.
         if (!keys.level_live[b * S + s] || Nq == 0) {
-          std::fill(grad_k_head + keys.level_start[s] * D, grad_k_head + keys.level_start[s + 1] * D,
-                    T(0));
-          std::fill(grad_v_head + keys.level_start[s] * D, grad_v_head + keys.level_start[s + 1] * D,
-                    T(0));
+          const int64_t first = keys.level_start[s] * D, last = keys.level_start[s + 1] * D;
+          std::fill(grad_k_head + first, grad_k_head + last, T(0));
+          std::fill(grad_v_head + first, grad_v_head + last, T(0));
           continue;
         }
         const T* g = grad_out_head;  // (Nq, D) g_s
@@ -272,7 +270,7 @@ void backward_tiles(const Problem<T>& problem, const BackwardTensors<T>& tensors
             const int64_t first_row = bh * Nq + row0;
             const RowCoords<T> coords{centers + (first_row * S + s) * 2,
                                       precision + (first_row * S + s) * 2, 2 * S};
-            if constexpr (dropout) {
+            if constexpr (kDropout) {
               dropout_factors<T>(keep.data(), ld, rows, cols, seed,
                                  static_cast<uint64_t>(first_row * L + key0),
                                  static_cast<uint64_t>(L), static_cast<float>(dropout_p),
@@ -308,8 +306,8 @@ void backward_tiles(const Problem<T>& problem, const BackwardTensors<T>& tensors
       for (int64_t i = 0; i < Nq * S; ++i) {
         const int64_t at = bh * Nq * S + i;  // (b, h, row, level)
         centre_precision_grads<T>(moments.data() + i * kNumMoments, precision[at * 2],
-                                       precision[at * 2 + 1], grad_centers + at * 2,
-                                       grad_precision + at * 2);
+                                  precision[at * 2 + 1], grad_centers + at * 2,
+                                  grad_precision + at * 2);
       }
     }
   });

@@ -1,4 +1,5 @@
-// The CPU kernels (cpu/kernels.h) for AVX-512 (x86-64-v4: AVX-512 F, BW, CD, DQ, VL); x86-64 with GCC only (cpu/isa.h).
+// The CPU kernels (cpu/kernels.h) for AVX-512 (x86-64-v4: AVX-512 F, BW, CD, DQ, VL); x86-64
+// with GCC only (cpu/isa.h).
 #include "cpu/isa.h"
 
 #if SMCA_CPU_X86_LEVELS

@@ -169,7 +169,8 @@ struct Vec {
   static Mask both(Mask a, Mask b) { return vandq_u32(a, b); }
   static Mask first(int64_t n) {
     const uint32_t lanes[4] = {0, 1, 2, 3};
-    return vcltq_u32(vld1q_u32(lanes), vdupq_n_u32(static_cast<uint32_t>(n < 4 ? (n > 0 ? n : 0) : 4)));
+    const int64_t count = n < 4 ? (n > 0 ? n : 0) : 4;
+    return vcltq_u32(vld1q_u32(lanes), vdupq_n_u32(static_cast<uint32_t>(count)));
   }
   static Vec select(Mask m, Vec a, Vec b) { return {vbslq_f32(m, a.v, b.v)}; }
   static float reduce_add(Vec a) { return vaddvq_f32(a.v); }

@@ -32,10 +32,10 @@ _COMBINE_BLOCK_M = 16
 def _finish_level(m2, l, acc, live):
     """(out_s, lse) of one level from the base-2 running max m2 (BLOCK_M,), the softmax
     denominator l (BLOCK_M,) and the unnormalised sum acc (BLOCK_M, BLOCK_D); live (BLOCK_M,) is
-    false for rows past Nq, whose results are not stored. A level whose keys are all masked (live
-    false) has lse = +inf and out_s = acc = sum_j 0 * v_j, as the reference's
-    product with zero weights: 0, or NaN where a v_j is not finite. Otherwise out_s = acc / l, NaN
-    where l is 0 (every score -inf) or NaN (a NaN score), as softmax gives."""
+    false where the level's keys are all masked, and for rows past Nq, whose results are not
+    stored. There lse = +inf and out_s = acc = sum_j 0 * v_j, as the reference's product with zero
+    weights: 0, or NaN where a v_j is not finite. Elsewhere out_s = acc / l, NaN where l is 0
+    (every score -inf) or NaN (a NaN score), as softmax gives."""
     l = tl.where(live, l, 1.0)  # an empty level's l is not used: no 0 / 0 to compute
     out_s = tl.where(live[:, None], acc / l[:, None], acc)
     lse = tl.where(live, (m2 + tl.log2(l)) * LN2, float("inf"))
