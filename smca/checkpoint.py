@@ -7,6 +7,9 @@ only tensors and plain data:
     model, optimizer, lr_scheduler, scaler (or None), rng (per process rank: python, numpy,
     torch and, when CUDA is in use, cuda generator states), config (Config.to_dict(): a plain
     dict, never a pickled object), categories ({id: name}).
+A weights-only checkpoint (save_weights: smca.convert's output) has epoch, step, optimizer,
+lr_scheduler and scaler None, no rng states, and converted_from naming its origin; it serves
+prediction, evaluation and fine-tuning, not --resume of training.
 It is written to a temporary file in the same directory and moved over the old one with
 os.replace, so a crash while saving leaves the previous checkpoint intact.
 
@@ -30,6 +33,8 @@ __all__ = [
     "rng_state",
     "save_atomically",
     "save_checkpoint",
+    "save_weights",
+    "is_weights_only",
     "load_checkpoint",
     "check_compatible",
     "training_changes",
@@ -52,7 +57,9 @@ ARCHITECTURE_FIELDS = (
     "dim_feedforward",
     "num_classes",
     "modulation",
+    "dynamic_scale",
     "beta",
+    "classifier",
 )
 
 # Config fields that a resumed run may change (each applies from its first epoch on); the
@@ -63,6 +70,7 @@ TRAINING_FIELDS = (
     "aux_loss",
     "focal_alpha",
     "focal_gamma",
+    "eos_coef",
     "cls_loss_coef",
     "bbox_loss_coef",
     "giou_loss_coef",
@@ -165,6 +173,32 @@ def save_checkpoint(
     save_atomically(state, path)
 
 
+def save_weights(
+    path: str, model: torch.nn.Module, cfg, categories: Dict[int, str], converted_from: Optional[str] = None
+) -> None:
+    """Write a weights-only checkpoint (no training state) to `path` atomically: what
+    smca.convert writes; load_checkpoint reads it. converted_from: the origin, for people."""
+    state = dict(
+        format=FORMAT,
+        epoch=None,
+        step=None,
+        model=model.state_dict(),
+        optimizer=None,
+        lr_scheduler=None,
+        scaler=None,
+        rng=[],
+        config=cfg.to_dict(),
+        categories=dict(categories),
+        converted_from=converted_from,
+    )
+    save_atomically(state, path)
+
+
+def is_weights_only(state: Dict[str, Any]) -> bool:
+    """True for a checkpoint without training state (save_weights), which --resume cannot continue."""
+    return state.get("optimizer") is None
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a checkpoint written by save_checkpoint. Raises CheckpointError when it is missing,
     truncated or corrupt, or not one of ours."""
@@ -182,9 +216,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     return state
 
 
+def _saved_config(state: Dict[str, Any], cfg) -> Dict[str, Any]:
+    """The checkpoint's config with the defaults of fields added since it was written (a field
+    absent from an older checkpoint had its default's meaning then)."""
+    return type(cfg).from_dict(state["config"]).to_dict()
+
+
 def check_compatible(state: Dict[str, Any], cfg, path: str = "checkpoint") -> None:
     """Raise CheckpointError naming every architecture field where the checkpoint and cfg differ."""
-    saved = state["config"]
+    saved = _saved_config(state, cfg)
     current = cfg.to_dict()
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, run {current[k]!r}"
@@ -200,7 +240,7 @@ def training_changes(state: Dict[str, Any], cfg) -> List[str]:
     checkpoint. lr, lr_backbone, weight_decay and lr_drop are read from the optimizer and
     scheduler state (param groups as SMCADETR.param_groups orders them: the rest at lr, the
     backbone at lr_backbone), which is what the checkpoint trained with, whatever its config says."""
-    saved = dict(state["config"])
+    saved = _saved_config(state, cfg)
     groups = state["optimizer"]["param_groups"]
     if len(groups) == 2 and all("initial_lr" in g for g in groups):
         saved.update(
@@ -255,6 +295,12 @@ def restore(
     restored generators are the ones the next epoch uses. Raises CheckpointError when the
     weights or the optimizer's parameter groups do not fit.
     """
+    if optimizer is not None and is_weights_only(state):
+        raise CheckpointError(
+            "the checkpoint holds weights only (no optimizer or schedule"
+            + (f"; converted from {state['converted_from']}" if state.get("converted_from") else "")
+            + "): start a training run from it with --finetune"
+        )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -267,7 +313,7 @@ def restore(
         scaler.load_state_dict(state["scaler"])
     if rank is not None and len(state["rng"]) == world_size:
         set_rng_state(state["rng"][rank])
-    return int(state["epoch"]) + 1
+    return 0 if state["epoch"] is None else int(state["epoch"]) + 1
 
 
 def set_schedule(

@@ -13,6 +13,8 @@ MODELS = ("smca", "smca_ms", "detr")
 BACKBONES = ("resnet50", "resnet18")
 BACKBONE_NORMS = ("frozen", "batch")
 MODULATIONS = ("multi_head", "head_shared")
+DYNAMIC_SCALES = ("type1", "type2", "type3")
+CLASSIFIERS = ("focal", "softmax")
 AMP_MODES = ("off", "bf16", "fp16")
 
 
@@ -35,12 +37,18 @@ class Config:
             for pretrained weights) or "batch" (trainable BatchNorm, every layer trains; for
             random weights, which a frozen norm leaves unbounded).
         modulation: "multi_head" (a centre offset and scale per head) or "head_shared".
-        beta: bandwidth of the Gaussian prior; precision = scale / sqrt(beta).
+        dynamic_scale: the Gaussian's scale, named as the paper's code (`--dynamic_scale`) names
+            it: "type1" a constant 1; "type2" one predicted scale per head, the same on both
+            axes; "type3" one per head and axis (the paper's SMCA, Sec. 3.2, Eq. 4).
+        beta: bandwidth of the Gaussian prior (the paper's code: `--smooth`); precision =
+            scale / sqrt(beta).
         attention_backend: the smca_kernels backend of every cross-attention.
-        num_classes: logits per query (sigmoid, no "no-object" class); category ids of the
-            data must be < num_classes (COCO: 91).
-    Loss and matching: focal_* (sigmoid focal loss), *_loss_coef, set_cost_* (matcher), topk
-        (post-processing over query x class).
+        classifier: "focal" (SMCA, Deformable-DETR: num_classes sigmoid logits, focal loss, no
+            "no-object" class) or "softmax" (DETR: num_classes + 1 logits, the last one
+            "no object", cross-entropy with that class weighted eos_coef).
+        num_classes: object classes; category ids of the data must be < num_classes (COCO: 91).
+    Loss and matching: focal_* (sigmoid focal loss), eos_coef (softmax classifier),
+        *_loss_coef, set_cost_* (matcher), topk (detections kept per image).
     Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; images are resized to a
         shorter side in min_sizes (training) or eval_size (evaluation, predict), longer side at
         most max_size; as in DETR the cap wins, so max_size alone shrinks every image
@@ -61,12 +69,15 @@ class Config:
     dropout: float = 0.1
     num_classes: int = 91
     modulation: str = "multi_head"
+    dynamic_scale: str = "type3"
     beta: float = 8.0
     attention_backend: str = "auto"
     aux_loss: bool = True
+    classifier: str = "focal"
     # loss and matching
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    eos_coef: float = 0.1
     cls_loss_coef: float = 2.0
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
@@ -102,6 +113,8 @@ class Config:
             ("backbone", self.backbone, BACKBONES),
             ("backbone_norm", self.backbone_norm, BACKBONE_NORMS),
             ("modulation", self.modulation, MODULATIONS),
+            ("dynamic_scale", self.dynamic_scale, DYNAMIC_SCALES),
+            ("classifier", self.classifier, CLASSIFIERS),
             ("amp", self.amp, AMP_MODES),
         ):
             if value not in choices:
@@ -124,6 +137,8 @@ class Config:
             raise ValueError("lr_backbone <= 0 freezes the backbone, which needs backbone_norm 'frozen'")
         if self.dec_layers < 1 or self.num_queries < 1 or self.num_classes < 1:
             raise ValueError("dec_layers, num_queries and num_classes must be >= 1")
+        if not 0 < self.eos_coef <= 1:
+            raise ValueError(f"eos_coef: expected a weight in (0, 1], got {self.eos_coef}")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain data (str, int, float, bool, None, list) for JSON and checkpoints."""
@@ -146,13 +161,29 @@ def lr_drop_for(epochs: int) -> int:
     return max(1, round(0.8 * epochs))
 
 
-# Overrides of the defaults. The paper's settings (SPEC section 2), and a tiny CPU-friendly demo
-# (num_classes is left to the data set: the training CLI sets it).
+# Overrides of the defaults. The paper's settings (SPEC section 2), DETR as published, and a tiny
+# CPU-friendly demo (num_classes is left to the data set: the training CLI sets it).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "smca_r50": {"model": "smca", "backbone": "resnet50", "modulation": "multi_head"},
     "smca_shared_r50": {"model": "smca", "backbone": "resnet50", "modulation": "head_shared"},
     "smca_ms_r50": {"model": "smca_ms", "backbone": "resnet50", "enc_layers": 5, "dim_feedforward": 1024},
+    # The SMCA paper's DETR baseline: SMCA's recipe (focal classifier, 300 queries, 50 epochs)
+    # with the Gaussian off, so that only the modulation differs.
     "detr_r50": {"model": "detr", "backbone": "resnet50"},
+    # DETR as published (Carion et al., ECCV 2020; facebookresearch/detr main.py, the 42.0 AP
+    # R50 model of 500 epochs): softmax classifier with a no-object class, 100 queries.
+    "detr_r50_published": {
+        "model": "detr",
+        "backbone": "resnet50",
+        "classifier": "softmax",
+        "num_queries": 100,
+        "topk": 100,
+        "eos_coef": 0.1,
+        "cls_loss_coef": 1.0,
+        "set_cost_class": 1.0,
+        "epochs": 500,
+        "lr_drop": 400,
+    },
     "demo": {
         "model": "smca",
         "backbone": "resnet18",

@@ -47,7 +47,17 @@ from .checkpoint import (
     set_schedule,
     training_changes,
 )
-from .config import AMP_MODES, BACKBONE_NORMS, BACKBONES, MODELS, MODULATIONS, PRESETS, Config
+from .config import (
+    AMP_MODES,
+    BACKBONE_NORMS,
+    BACKBONES,
+    CLASSIFIERS,
+    DYNAMIC_SCALES,
+    MODELS,
+    MODULATIONS,
+    PRESETS,
+    Config,
+)
 from .data import DatasetError, build_dataloader, build_dataset
 from .data.transforms import capped_sizes_note
 from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
@@ -81,6 +91,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float)
     g.add_argument("--num_classes", type=int, help="default: the data's largest category id + 1")
     g.add_argument("--modulation", choices=MODULATIONS)
+    g.add_argument(
+        "--dynamic_scale",
+        choices=DYNAMIC_SCALES,
+        help="the Gaussian's scale, as the paper's code: type1 constant, type2 per head, type3 per head and axis",
+    )
     g.add_argument("--beta", type=float, help="bandwidth of the Gaussian prior: precision = scale / sqrt(beta)")
     g.add_argument("--attention_backend", choices=BACKENDS)
     g.add_argument(
@@ -90,6 +105,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         const=False,
         help="no losses on intermediate decoder layers",
     )
+    g.add_argument(
+        "--classifier",
+        choices=CLASSIFIERS,
+        help="focal: sigmoid logits and focal loss (SMCA); softmax: a no-object class and cross-entropy (DETR)",
+    )
+    g = p.add_argument_group("loss and matching")
+    g.add_argument("--eos_coef", type=float, help="weight of the no-object class (softmax classifier)")
+    for name in ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "set_cost_class", "set_cost_bbox", "set_cost_giou"):
+        g.add_argument(f"--{name}", type=float)
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float)
     g.add_argument("--lr_backbone", type=float)

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torchvision
@@ -46,7 +46,15 @@ from ..models.utils import pad_images
 from .image import ImageError, image_size, read_image
 from .transforms import make_transforms
 
-__all__ = ["DatasetError", "CocoDetection", "build_dataset", "collate_fn", "build_dataloader", "coco_paths"]
+__all__ = [
+    "DatasetError",
+    "CocoDetection",
+    "build_dataset",
+    "collate_fn",
+    "build_dataloader",
+    "coco_paths",
+    "read_categories",
+]
 
 
 # Of many unreadable image files, the error names this many.
@@ -115,6 +123,41 @@ def _entries(dataset: Dict[str, Any], key: str, ann_file: str) -> List[Dict[str,
     return entries
 
 
+def _check_categories(dataset: Dict[str, Any], ann_file: str) -> Set[int]:
+    """The ids of dataset's categories (made ints), each checked: an integer id >= 0 listed once
+    and a name; DatasetError naming the entry otherwise."""
+    categories = _entries(dataset, "categories", ann_file)
+    if not categories:
+        raise DatasetError(f"{ann_file}: no categories listed")
+    category_ids = set()
+    for category in categories:
+        category_id = _as_id(category.get("id"))
+        if category_id is None or category_id < 0:
+            raise DatasetError(
+                f"{ann_file}: category {category.get('name')!r} has id {category.get('id')!r}; "
+                "expected an integer >= 0 (it indexes the class logits)"
+            )
+        if category_id in category_ids:
+            raise DatasetError(f"{ann_file}: category id {category_id} is listed twice")
+        if not isinstance(category.get("name"), str):
+            raise DatasetError(
+                f"{ann_file}: category id {category_id}: name must be a string, got {category.get('name')!r}"
+            )
+        category["id"] = category_id
+        category_ids.add(category_id)
+    return category_ids
+
+
+def read_categories(ann_file: str) -> Dict[int, str]:
+    """{category id: name} of a COCO-format annotation file; DatasetError when it is missing or
+    its categories are malformed (see _check_annotations)."""
+    if not os.path.isfile(ann_file):
+        raise DatasetError(f"annotation file {ann_file!r} does not exist")
+    dataset = _load_annotations(ann_file)
+    _check_categories(dataset, ann_file)
+    return {c["id"]: c["name"] for c in dataset["categories"]}
+
+
 def _check_annotations(dataset: Dict[str, Any], ann_file: str) -> None:
     """Check a COCO instances dict and complete it in place, or raise DatasetError naming the
     entry: images, categories and annotations with integer ids (whole floats made ints), none
@@ -140,25 +183,7 @@ def _check_annotations(dataset: Dict[str, Any], ann_file: str) -> None:
             raise DatasetError(f"{ann_file}: image id {image_id}: file_name must be a file name, got {file_name!r}")
         image["id"] = image_id
         file_names[image_id] = file_name
-    categories = _entries(dataset, "categories", ann_file)
-    if not categories:
-        raise DatasetError(f"{ann_file}: no categories listed")
-    category_ids = set()
-    for category in categories:
-        category_id = _as_id(category.get("id"))
-        if category_id is None or category_id < 0:
-            raise DatasetError(
-                f"{ann_file}: category {category.get('name')!r} has id {category.get('id')!r}; "
-                "expected an integer >= 0 (it indexes the class logits)"
-            )
-        if category_id in category_ids:
-            raise DatasetError(f"{ann_file}: category id {category_id} is listed twice")
-        if not isinstance(category.get("name"), str):
-            raise DatasetError(
-                f"{ann_file}: category id {category_id}: name must be a string, got {category.get('name')!r}"
-            )
-        category["id"] = category_id
-        category_ids.add(category_id)
+    category_ids = _check_categories(dataset, ann_file)
     annotation_ids = set()
     for ann in _entries(dataset, "annotations", ann_file):
         where = f"{ann_file}: annotation {ann.get('id')!r} of image {ann.get('image_id')!r}"

@@ -58,13 +58,14 @@ def build_model(cfg: Config) -> Tuple[SMCADETR, SetCriterion, PostProcess]:
         cfg.dropout,
         gaussian=cfg.model != "detr",
         head_shared=cfg.modulation == "head_shared",
+        dynamic_scale=cfg.dynamic_scale,
         num_levels=len(strides),
         beta=cfg.beta,
         backend=cfg.attention_backend,
     )
     decoder = Decoder(decoder_layer, cfg.dec_layers, strides)
 
-    postprocess = PostProcess(cfg.topk)
+    postprocess = PostProcess(cfg.topk, cfg.classifier)
     model = SMCADETR(
         backbone,
         input_proj,
@@ -74,14 +75,17 @@ def build_model(cfg: Config) -> Tuple[SMCADETR, SetCriterion, PostProcess]:
         decoder,
         num_classes=cfg.num_classes,
         num_queries=cfg.num_queries,
+        classifier=cfg.classifier,
         aux_loss=cfg.aux_loss,
         postprocess=postprocess,
         eval_size=cfg.eval_size,
         max_size=cfg.max_size,
     )
     matcher = HungarianMatcher(
-        cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, cfg.focal_alpha, cfg.focal_gamma
+        cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou, cfg.focal_alpha, cfg.focal_gamma, cfg.classifier
     )
     weight_dict = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
-    criterion = SetCriterion(cfg.num_classes, matcher, weight_dict, cfg.focal_alpha, cfg.focal_gamma)
+    criterion = SetCriterion(
+        cfg.num_classes, matcher, weight_dict, cfg.focal_alpha, cfg.focal_gamma, cfg.classifier, cfg.eos_coef
+    )
     return model, criterion, postprocess

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from .matcher import HungarianMatcher
+from ..config import CLASSIFIERS
 
 __all__ = ["SetCriterion"]
 
@@ -17,11 +18,15 @@ Targets = List[Dict[str, Tensor]]  # per image: labels (M,), boxes (M, 4)
 
 
 class SetCriterion(nn.Module):
-    """DETR's criterion with the sigmoid focal loss (SMCA, Deformable-DETR).
+    """DETR's criterion, with the sigmoid focal loss (SMCA, Deformable-DETR) or DETR's
+    cross-entropy as the class loss.
 
     For each decoder layer's predictions: match them to the targets (Hungarian), then
-        loss_ce   = sum over queries x classes of focal(logit, one-hot of the matched label,
-                    all zeros for unmatched queries) / num_boxes,
+        loss_ce   = "focal": sum over queries x classes of focal(logit, one-hot of the matched
+                    label, all zeros for unmatched queries) / num_boxes;
+                    "softmax": the cross-entropy of every query against its matched label or
+                    "no object" (index num_classes), weighted 1 per class and eos_coef for
+                    "no object", averaged with those weights (DETR, Sec. 3.1),
         loss_bbox = sum of |pred - target| over matched boxes and the 4 cxcywh coordinates / num_boxes,
         loss_giou = sum of (1 - GIoU) over matched boxes / num_boxes,
     with num_boxes the number of target boxes averaged over processes (at least 1).
@@ -31,6 +36,8 @@ class SetCriterion(nn.Module):
         matcher: a HungarianMatcher.
         weight_dict: weight of "loss_ce", "loss_bbox", "loss_giou" (the same for every layer).
         focal_alpha, focal_gamma: of the focal loss.
+        classifier: "focal" (logits (B, Nq, num_classes)) or "softmax" (B, Nq, num_classes + 1).
+        eos_coef: weight of the "no object" class in the softmax classifier's cross-entropy.
     """
 
     def __init__(
@@ -40,9 +47,17 @@ class SetCriterion(nn.Module):
         weight_dict: Dict[str, float],
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        classifier: str = "focal",
+        eos_coef: float = 0.1,
     ) -> None:
         super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier: expected one of {CLASSIFIERS}, got {classifier!r}")
         self.num_classes = num_classes
+        self.classifier = classifier
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
@@ -61,11 +76,18 @@ class SetCriterion(nn.Module):
         return torch.cat([t[key][tgt] for t, (_, tgt) in zip(targets, indices)]).to(device)
 
     def loss_labels(self, outputs: Outputs, targets: Targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
-        """Focal loss over all queries and classes -> {"loss_ce"}."""
-        logits = outputs["pred_logits"]  # (B, Nq, C)
+        """Focal loss over all queries and classes, or the softmax classifier's weighted
+        cross-entropy -> {"loss_ce"}."""
+        logits = outputs["pred_logits"]  # (B, Nq, C), or (B, Nq, C + 1) for "softmax"
         batch_idx, query_idx = self._matched_queries(indices, logits.device)
+        labels = self._matched_targets(targets, "labels", indices, logits.device)
+        if self.classifier == "softmax":
+            target = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+            target[batch_idx, query_idx] = labels
+            weight = self.empty_weight.to(logits.device)
+            return {"loss_ce": F.cross_entropy(logits.transpose(1, 2).float(), target, weight)}
         one_hot = torch.zeros_like(logits)
-        one_hot[batch_idx, query_idx, self._matched_targets(targets, "labels", indices, logits.device)] = 1.0
+        one_hot[batch_idx, query_idx, labels] = 1.0
         loss = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
         return {"loss_ce": loss / num_boxes}
 
@@ -81,7 +103,9 @@ class SetCriterion(nn.Module):
     @torch.no_grad()
     def logging_metrics(self, outputs: Outputs, targets: Targets, indices: Indices) -> Dict[str, Tensor]:
         """class_error: % of matched queries whose top class is wrong; cardinality_error: mean
-        |number of queries with top score > 0.5 - number of targets|. Not differentiable."""
+        |number of predicted objects - number of targets|, a predicted object being a query
+        whose top class probability exceeds 0.5 ("focal") or whose top class is not "no object"
+        ("softmax", as DETR). Not differentiable."""
         logits = outputs["pred_logits"]
         matched = logits[self._matched_queries(indices, logits.device)]  # (M, C)
         labels = self._matched_targets(targets, "labels", indices, logits.device)
@@ -89,7 +113,10 @@ class SetCriterion(nn.Module):
             class_error = 100.0 - 100.0 * (matched.argmax(-1) == labels).float().mean()
         else:
             class_error = logits.new_zeros(())
-        predicted = (logits.sigmoid().amax(-1) > 0.5).sum(1).float()
+        if self.classifier == "softmax":
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        else:
+            predicted = (logits.sigmoid().amax(-1) > 0.5).sum(1).float()
         counts = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
         return {"class_error": class_error, "cardinality_error": F.l1_loss(predicted, counts)}
 

@@ -3,8 +3,9 @@
 Every layer l computes u = LayerNorm(t + query_pos) from its input. Layer 0's u gives the
 reference point r = sigmoid(MLP(u)) in normalised image coordinates (x, y); every layer's u
 gives per-head (or head-shared) offsets and scales, so that the Gaussian prior of query i is
-centred at r in grid cells plus the offset, with precision = scale / sqrt(beta) (SPEC 2; the
-reference implementation's "type3" scale). With several feature levels each level has its
+centred at r in grid cells plus the offset, with precision = scale / sqrt(beta) (SPEC 2). The
+scale is one of the paper's code's `--dynamic_scale` types: "type1" a constant 1, "type2" one
+per head (both axes), "type3" one per head and axis. With several feature levels each level has its
 own offsets and scales, and alpha = softmax over levels of a linear layer of u mixes them
 (scale-selective co-attention). With `gaussian=False` the same layers are plain DETR.
 
@@ -20,7 +21,18 @@ from torch import Tensor, nn
 
 from smca_kernels import SMCAAttention
 
-__all__ = ["MLP", "DecoderLayer", "Decoder"]
+from ..config import DYNAMIC_SCALES
+
+__all__ = ["MLP", "DecoderLayer", "Decoder", "SCALE_AXES", "coordinates"]
+
+# Scales the Gaussian head predicts per head and level, by dynamic_scale (type1: none, scale 1).
+SCALE_AXES = dict(zip(DYNAMIC_SCALES, (0, 1, 2)))
+
+
+def coordinates(x: Tensor) -> Tensor:
+    """Grid coordinates and their modulation reach ~100 cells, so 16-bit values (autocast) are
+    computed in float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class MLP(nn.Module):
@@ -45,6 +57,8 @@ class DecoderLayer(nn.Module):
         d_model, nheads, dim_feedforward, dropout: as DETR.
         gaussian: modulate the cross-attention (SMCA); False gives DETR's plain attention.
         head_shared: one offset and scale for all heads instead of one per head.
+        dynamic_scale: "type1" (scale 1, no scale head), "type2" (one scale per head) or
+            "type3" (one per head and axis).
         num_levels: feature levels of the memory; > 1 mixes them by alpha (scale selection).
         beta: Gaussian bandwidth; precision = scale / sqrt(beta).
         backend: smca_kernels backend of the cross-attention.
@@ -59,6 +73,7 @@ class DecoderLayer(nn.Module):
         *,
         gaussian: bool = True,
         head_shared: bool = False,
+        dynamic_scale: str = "type3",
         num_levels: int = 1,
         beta: float = 8.0,
         backend: str = "auto",
@@ -79,6 +94,9 @@ class DecoderLayer(nn.Module):
         self.gaussian = gaussian
         self.num_levels = num_levels
         self.modulated_heads = 1 if head_shared else nheads
+        if dynamic_scale not in SCALE_AXES:
+            raise ValueError(f"dynamic_scale: expected one of {sorted(SCALE_AXES)}, got {dynamic_scale!r}")
+        self.scale_axes = SCALE_AXES[dynamic_scale]
         self.beta = beta
         self.norm_modulation: Optional[nn.LayerNorm] = None
         self.offsets: Optional[nn.Linear] = None
@@ -88,7 +106,8 @@ class DecoderLayer(nn.Module):
             self.norm_modulation = nn.LayerNorm(d_model)
         if gaussian:
             self.offsets = nn.Linear(d_model, 2 * num_levels * self.modulated_heads)
-            self.scales = nn.Linear(d_model, 2 * num_levels * self.modulated_heads)
+            if self.scale_axes:
+                self.scales = nn.Linear(d_model, self.scale_axes * num_levels * self.modulated_heads)
         if num_levels > 1:
             self.level_weights = nn.Linear(d_model, num_levels)
 
@@ -122,8 +141,8 @@ class DecoderLayer(nn.Module):
             u (B, Nq, d) from modulation_input (None when not modulated);
             key (B, L, d) memory + position encoding; memory (B, L, d); memory_mask (B, L);
             spatial_shapes [(Hf_s, Wf_s)] of the S levels concatenated in the memory;
-            reference_grid (B, Nq, S, 2) float32 reference point (x, y) in each level's grid
-                cells (None when not gaussian).
+            reference_grid (B, Nq, S, 2) reference point (x, y) in each level's grid cells,
+                float32 (float64 in a float64 model; None when not gaussian).
             need_weights: also return the cross-attention weights and the Gaussian parameters.
         Returns:
             tgt (B, Nq, d) and, with need_weights, dict(weights (B, Nq, L) head-averaged,
@@ -136,14 +155,17 @@ class DecoderLayer(nn.Module):
         batch, queries, _ = tgt.shape
         centers = precision = alpha = None
         if self.gaussian:
-            shape = (batch, queries, self.modulated_heads, self.num_levels, 2)
-            # Grid coordinates reach ~100 cells: keep them float32 even under autocast.
-            offsets = self.offsets(u).float().view(shape).permute(0, 2, 1, 3, 4)  # (B, H or 1, Nq, S, 2)
-            scales = self.scales(u).float().view(shape).permute(0, 2, 1, 3, 4)
+            shape = (batch, queries, self.modulated_heads, self.num_levels, -1)
+            offsets = coordinates(self.offsets(u)).view(shape).permute(0, 2, 1, 3, 4)  # (B, H or 1, Nq, S, 2)
             centers = reference_grid.unsqueeze(1) + offsets
-            precision = scales / math.sqrt(self.beta)
+            if self.scales is None:
+                precision = torch.full_like(offsets, 1 / math.sqrt(self.beta))
+            else:
+                # type2's one scale per head applies to both axes
+                scales = coordinates(self.scales(u)).view(shape).permute(0, 2, 1, 3, 4)
+                precision = scales.expand_as(offsets) / math.sqrt(self.beta)
         if self.level_weights is not None:
-            alpha = self.level_weights(u).float().softmax(dim=-1).unsqueeze(1)  # (B, 1, Nq, S)
+            alpha = coordinates(self.level_weights(u)).softmax(dim=-1).unsqueeze(1)  # (B, 1, Nq, S)
         tgt2, weights = self.cross_attn(
             tgt + query_pos,
             key,
@@ -221,7 +243,7 @@ class Decoder(nn.Module):
                 grid_sizes = torch.stack(
                     [image_sizes.flip(-1) / stride for stride in self.strides], dim=1
                 )  # (B, S, 2): unpadded (w, h) in each level's cells
-                reference_grid = reference_logits.float().sigmoid().unsqueeze(2) * grid_sizes.unsqueeze(1)
+                reference_grid = coordinates(reference_logits).sigmoid().unsqueeze(2) * grid_sizes.unsqueeze(1)
             need_weights = index == attention_layer
             tgt, info = layer(
                 tgt, query_pos, u, key, memory, memory_mask, spatial_shapes, reference_grid, need_weights

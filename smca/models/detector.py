@@ -13,7 +13,8 @@ from ..data.transforms import resized_size
 from .backbone import Backbone
 from .decoder import MLP, Decoder
 from .position_encoding import PositionEmbeddingSine
-from .postprocess import PostProcess
+from ..config import CLASSIFIERS
+from .postprocess import PostProcess, class_probabilities
 from .utils import boxes_to_pixels, normalize, pad_images, unpadded_sizes
 
 __all__ = ["SMCADETR"]
@@ -38,7 +39,10 @@ class SMCADETR(nn.Module):
         position_encoding: mask (B, Hf, Wf) -> (B, d, Hf, Wf).
         encoder: (src, pos, mask, spatial_shapes) -> memory, all (B, L, ...).
         decoder: a Decoder whose strides match the levels.
-        num_classes, num_queries: logits per query, number of queries.
+        num_classes, num_queries: object classes, number of queries.
+        classifier: "focal" (num_classes sigmoid logits per query, the class bias starting at
+            probability 0.01, SMCA) or "softmax" (num_classes + 1 logits, the last "no
+            object", DETR).
         aux_loss: also return the predictions of every decoder layer but the last.
         postprocess: PostProcess used by predict.
         eval_size, max_size: predict() resizes as evaluation does: the shorter side to eval_size,
@@ -56,6 +60,7 @@ class SMCADETR(nn.Module):
         *,
         num_classes: int,
         num_queries: int,
+        classifier: str = "focal",
         aux_loss: bool,
         postprocess: PostProcess,
         eval_size: int,
@@ -72,10 +77,14 @@ class SMCADETR(nn.Module):
         self.num_levels = len(input_proj) + (extra_level is not None)
         self.level_embed = nn.Parameter(torch.randn(self.num_levels, d_model)) if self.num_levels > 1 else None
         self.query_embed = nn.Embedding(num_queries, d_model)
-        self.class_embed = nn.Linear(d_model, num_classes)
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier: expected one of {CLASSIFIERS}, got {classifier!r}")
+        self.classifier = classifier
+        self.class_embed = nn.Linear(d_model, num_classes + (classifier == "softmax"))
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        # Every class starts at probability 0.01 so the focal loss of the many negatives is small.
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        if classifier == "focal":
+            # Every class starts at probability 0.01 so the focal loss of the many negatives is small.
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.aux_loss = aux_loss
         self.postprocess = postprocess
         self.eval_size = eval_size
@@ -91,7 +100,8 @@ class SMCADETR(nn.Module):
             pixel_mask: (B, H, W) bool, True = padding.
             attention_layer: also return that decoder layer's cross-attention ("attention").
         Returns:
-            pred_logits (B, Nq, num_classes) sigmoid logits; pred_boxes (B, Nq, 4) cxcywh in
+            pred_logits (B, Nq, num_classes) sigmoid logits, or (B, Nq, num_classes + 1) softmax
+            logits with "no object" last (classifier "softmax"); pred_boxes (B, Nq, 4) cxcywh in
             [0, 1] of each image's unpadded size; aux_outputs (with aux_loss) a list of
             dict(pred_logits, pred_boxes) for decoder layers 0 .. L-2.
         """
@@ -243,7 +253,7 @@ class SMCADETR(nn.Module):
                     level_prior = level_prior * att["alpha"][:, 0, index, level, None, None]
                 prior.append(_resize(level_prior, (height, width)))
 
-        scores, labels = outputs["pred_logits"][:, index].sigmoid().max(-1)
+        scores, labels = class_probabilities(outputs["pred_logits"][:, index], self.classifier).max(-1)
         return {
             "attention": torch.stack(attention).sum(0),
             "prior": torch.stack(prior).sum(0) if prior else None,

@@ -1,4 +1,4 @@
-"""Hungarian matching of predictions to ground truth (DETR, with the focal-loss class cost)."""
+"""Hungarian matching of predictions to ground truth (DETR; the focal-loss class cost of SMCA)."""
 from typing import Dict, List, Tuple
 
 import torch
@@ -6,16 +6,20 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from ..config import CLASSIFIERS
+from .postprocess import class_probabilities
+
 __all__ = ["HungarianMatcher"]
 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising cost_class * C_class + cost_bbox * L1 + cost_giou * (-GIoU).
 
-    The class cost is the focal loss of the target class as a positive minus as a negative
-    (Deformable-DETR, SMCA): with p = sigmoid(logit),
-        C_class = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)).
-    Queries left unassigned are background.
+    The class cost of the "focal" classifier is the focal loss of the target class as a
+    positive minus as a negative (Deformable-DETR, SMCA): with p = sigmoid(logit),
+        C_class = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p));
+    the "softmax" classifier's is DETR's C_class = -p with p = softmax(logits) of the target
+    class. Queries left unassigned are background.
     """
 
     def __init__(
@@ -25,8 +29,11 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        classifier: str = "focal",
     ) -> None:
         super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier: expected one of {CLASSIFIERS}, got {classifier!r}")
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: all costs are 0")
         self.cost_class = cost_class
@@ -34,16 +41,21 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.classifier = classifier
 
     @torch.no_grad()
     def cost_matrix(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """logits (N, C), boxes (N, 4) cxcywh; tgt_labels (M,), tgt_boxes (M, 4) -> cost (N, M)."""
-        prob = logits.float().sigmoid()
-        eps = 1e-8
-        alpha, gamma = self.focal_alpha, self.focal_gamma
-        neg = (1 - alpha) * prob**gamma * -(1 - prob + eps).log()
-        pos = alpha * (1 - prob) ** gamma * -(prob + eps).log()
-        cost_class = pos[:, tgt_labels] - neg[:, tgt_labels]
+        """logits (N, C), or (N, C + 1) for "softmax"; boxes (N, 4) cxcywh; tgt_labels (M,),
+        tgt_boxes (M, 4) -> cost (N, M)."""
+        prob = class_probabilities(logits, self.classifier)
+        if self.classifier == "softmax":
+            cost_class = -prob[:, tgt_labels]
+        else:
+            eps = 1e-8
+            alpha, gamma = self.focal_alpha, self.focal_gamma
+            neg = (1 - alpha) * prob**gamma * -(1 - prob + eps).log()
+            pos = alpha * (1 - prob) ** gamma * -(prob + eps).log()
+            cost_class = pos[:, tgt_labels] - neg[:, tgt_labels]
         boxes, tgt_boxes = boxes.float(), tgt_boxes.float()
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(
