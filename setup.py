@@ -57,6 +57,6 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
-    entry_points={"console_scripts": ["smca-train=smca.train:main"]},
+    entry_points={"console_scripts": ["smca-train=smca.train:main", "smca-convert=smca.convert:main"]},
     python_requires=">=3.10",
 )

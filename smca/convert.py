@@ -171,11 +171,6 @@ def reference_config(
     if source == "smca-detr":
         if "transformer.decoder.layers.0.point1.layers.0.weight" not in state:
             raise ConversionError("--source smca-detr: the checkpoint has no reference-point head (point1): is it DETR's?")
-        offsets = _shape(state, "transformer.decoder.layers.0.point2.weight")[0]
-        if offsets != 2 * values["nheads"]:
-            raise ConversionError(
-                f"nheads {values['nheads']}: the checkpoint's Gaussian offsets (point2) are for {offsets // 2} heads"
-            )
         scale_key = "transformer.decoder.layers.0.point3.weight"
         scale_outputs = state[scale_key].shape[0] if scale_key in state else 0
         inferred = _SCALE_OUTPUTS.get(scale_outputs)
@@ -198,6 +193,12 @@ def reference_config(
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if values["num_queries"] != query_count:
         raise ConversionError(f"--num_queries {values['num_queries']}: the checkpoint holds {query_count} queries")
+    if source == "smca-detr":
+        offsets = _shape(state, "transformer.decoder.layers.0.point2.weight")[0]
+        if offsets != 2 * values["nheads"]:
+            raise ConversionError(
+                f"nheads {values['nheads']}: the checkpoint's Gaussian offsets (point2) are for {offsets // 2} heads"
+            )
     try:
         return Config(**values, device="cpu")
     except ValueError as err:

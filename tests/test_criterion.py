@@ -84,3 +84,28 @@ def test_labels_out_of_range_are_rejected():
     targets[0]["labels"] = torch.tensor([2])
     with pytest.raises(ValueError, match="num_classes"):
         make_criterion(num_classes=2)(outputs, targets)
+
+
+def test_softmax_cross_entropy_on_hand_case():
+    """DETR's classifier: logits (B, Nq, C + 1), the last column "no object" weighted eos_coef.
+
+    The hand case's 2 queries with 3 logits [0, 0, 0] (p = 1/3 each): query 0 matched to class 1,
+    query 1 "no object" (index 2): loss = (1 ln 3 + eos ln 3) / (1 + eos) = ln 3 for any eos.
+    With query 1's logits [0, 0, ln 4] its "no object" probability is 4/6: loss =
+    (ln 3 + eos ln 1.5) / (1 + eos).
+    """
+    outputs, targets = hand_case()
+    eos = 0.1
+    criterion = SetCriterion(2, HungarianMatcher(1, 5, 2, classifier="softmax"), WEIGHTS, classifier="softmax", eos_coef=eos)
+    logits = torch.zeros(1, 2, 3, requires_grad=True)
+    losses = criterion({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, targets)
+    assert losses["loss_ce"].item() == pytest.approx(math.log(3), rel=1e-6)
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(4)]]], requires_grad=True)
+    losses = criterion({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, targets)
+    assert losses["loss_ce"].item() == pytest.approx((math.log(3) + eos * math.log(1.5)) / (1 + eos), rel=1e-6)
+    # cardinality: queries whose top class is not "no object" (query 0's tie picks class 0)
+    assert losses["cardinality_error"].item() == 0.0
+    losses["loss"].backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="classifier"):
+        SetCriterion(2, HungarianMatcher(), WEIGHTS, classifier="sigmoid")

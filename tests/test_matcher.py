@@ -75,3 +75,13 @@ def test_exact_predictions_are_matched_to_their_targets():
 def test_all_zero_costs_rejected():
     with pytest.raises(ValueError):
         HungarianMatcher(0, 0, 0)
+
+
+def test_softmax_class_cost_is_minus_probability():
+    """DETR's class cost: -softmax(logits)[target]; the no-object column only normalises."""
+    matcher = HungarianMatcher(cost_class=1, cost_bbox=0, cost_giou=0, classifier="softmax")
+    logits = torch.tensor([[0.0, math.log(2), math.log(3)], [math.log(5), 0.0, 0.0]])  # 2 classes + no object
+    cost = matcher.cost_matrix(logits, torch.full((2, 4), 0.5), torch.tensor([1, 0]), torch.full((2, 4), 0.5))
+    torch.testing.assert_close(cost, -torch.tensor([[2 / 6, 1 / 6], [1 / 7, 5 / 7]]))
+    with pytest.raises(ValueError, match="classifier"):
+        HungarianMatcher(classifier="softmx")

@@ -191,6 +191,90 @@ def test_postprocess_topk_and_boxes():
     assert len(PostProcess(topk=100)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[1, 1]]))[0]["scores"]) == 6
 
 
+def test_postprocess_softmax_one_detection_per_query():
+    """DETR's post-processing: each query's best object class (never "no object"), by score."""
+    logits = torch.tensor([[[2.0, -1.0, 0.5, 4.0], [-3.0, 1.0, 3.0, 0.0]]])  # 3 classes + no object
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5]]])
+    (result,) = PostProcess(topk=5, classifier="softmax")({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))
+    probs = logits[0].softmax(-1)
+    # query 1's best class is 2 (p ~ 0.84), query 0's is 0 (p ~ 0.11; "no object" is likelier)
+    assert result["labels"].tolist() == [2, 0]
+    torch.testing.assert_close(result["scores"], torch.stack([probs[1, 2], probs[0, 0]]))
+    torch.testing.assert_close(result["boxes"], torch.tensor([[0.0, 50.0, 100.0, 100.0], [80.0, 30.0, 120.0, 70.0]]))
+
+
+@pytest.mark.parametrize("dynamic_scale,outputs", [("type1", 0), ("type2", 1), ("type3", 2)])
+@pytest.mark.parametrize("variant", ["smca", "smca_ms"])
+def test_dynamic_scale_heads(dynamic_scale, outputs, variant):
+    """type1: no scale head, precision 1 / sqrt(beta); type2: one scale per head and level, the
+    same on both axes; type3: one per head, level and axis."""
+    torch.manual_seed(0)
+    cfg = tiny_config(model=variant, dynamic_scale=dynamic_scale, beta=4.0)
+    model, criterion, _ = build_model(cfg)
+    levels = 3 if variant == "smca_ms" else 1
+    for layer in model.decoder.layers:
+        if outputs == 0:
+            assert layer.scales is None
+        else:
+            assert layer.scales.out_features == outputs * cfg.nheads * levels
+            with torch.no_grad():  # per-query scales, so that the axes could differ
+                layer.scales.weight.normal_()
+    images, pixel_mask, targets = tiny_batch(torch.Generator().manual_seed(0))
+    out = model(images, pixel_mask, attention_layer=1)
+    precision = out["attention"]["precision"]  # (B, H, Nq, S, 2)
+    assert precision.shape == (2, cfg.nheads, cfg.num_queries, levels, 2)
+    if dynamic_scale == "type1":
+        assert (precision == 0.5).all()
+    elif dynamic_scale == "type2":
+        assert torch.equal(precision[..., 0], precision[..., 1]) and precision.std() > 0.1
+    else:
+        assert (precision[..., 0] - precision[..., 1]).abs().max() > 0.1
+    criterion(out, targets)["loss"].backward()
+    if outputs:
+        assert model.decoder.layers[1].scales.weight.grad.abs().sum() > 0
+
+
+def test_softmax_classifier_model():
+    cfg = tiny_config(model="detr", classifier="softmax")
+    model, criterion, postprocess = build_model(cfg)
+    assert model.class_embed.out_features == cfg.num_classes + 1
+    images, pixel_mask, targets = tiny_batch(torch.Generator().manual_seed(0))
+    out = model(images, pixel_mask)
+    assert out["pred_logits"].shape == (2, cfg.num_queries, cfg.num_classes + 1)
+    losses = criterion(out, targets)
+    losses["loss"].backward()
+    assert model.class_embed.weight.grad.abs().sum() > 0
+    detections = postprocess(out, torch.tensor([[64, 64], [96, 80]]))
+    assert all(len(d["labels"]) == cfg.num_queries and (d["labels"] < cfg.num_classes).all() for d in detections)
+    assert Config(**PRESETS["detr_r50_published"]).classifier == "softmax"
+
+
+def test_float64_model_keeps_float64_coordinates():
+    """A float64 model computes the Gaussian's centres and precision in float64 (gradcheck
+    needs it); 16-bit inputs would be promoted to float32 (smca.models.decoder.coordinates)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(model="smca_ms", enc_layers=1, dec_layers=2, dropout=0.0, num_queries=3)
+    model = build_model(cfg)[0].double()
+    images, pixel_mask, _ = tiny_batch(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = [f.double() for f in model.backbone(images.double()).values()]
+    attention = model.forward_features(features, pixel_mask, attention_layer=1)["attention"]
+    assert attention["centers"].dtype == attention["precision"].dtype == attention["alpha"].dtype == torch.float64
+
+    # the decoder's output as a function of its queries, through the reference point, offsets,
+    # scales and alpha of every layer
+    memory = torch.randn(2, 4 * 4 + 2 * 2 + 1, cfg.hidden_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, memory.shape[1], dtype=torch.bool)
+    image_sizes = torch.tensor([[128.0, 128.0], [96.0, 64.0]])
+
+    def decoder(query_embed):
+        hs, reference, _ = model.decoder(query_embed, memory, memory * 0.5, mask, [(4, 4), (2, 2), (1, 1)], image_sizes)
+        return hs[-1], reference
+
+    queries = model.query_embed.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(decoder, (queries,), eps=1e-6, atol=1e-7)
+
+
 def _constant_prediction(model, box_logit):
     """Makes every query predict class 0 (score sigmoid(5)) and the box sigmoid(box_logit)."""
     with torch.no_grad():
@@ -284,3 +368,19 @@ def test_config_round_trip_and_checks():
     for name, preset in PRESETS.items():
         Config(**preset)
     assert Config(**PRESETS["smca_ms_r50"]).enc_layers == 5
+
+
+def test_checkpoint_config_from_before_new_fields():
+    """A checkpoint written before dynamic_scale, classifier and eos_coef existed had their
+    defaults' meaning: it agrees with a default run and disagrees with another choice."""
+    from smca.checkpoint import CheckpointError, check_compatible
+
+    saved = tiny_config().to_dict()
+    for name in ("dynamic_scale", "classifier", "eos_coef"):
+        del saved[name]
+    state = {"config": saved}
+    check_compatible(state, tiny_config())
+    with pytest.raises(CheckpointError, match="dynamic_scale: checkpoint 'type3', run 'type1'"):
+        check_compatible(state, tiny_config(dynamic_scale="type1"))
+    with pytest.raises(CheckpointError, match="classifier"):
+        check_compatible(state, tiny_config(classifier="softmax"))
