@@ -112,6 +112,23 @@ def _shape(state: Dict[str, Tensor], key: str) -> Tuple[int, ...]:
     return tuple(state[key].shape)
 
 
+# torchvision ResNets by (bottleneck blocks?, blocks in layer1..layer4).
+_RESNETS = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+    (True, (3, 8, 36, 3)): "resnet152",
+}
+
+
+def _backbone_from_weights(state: Dict[str, Tensor]) -> str:
+    """The torchvision ResNet whose blocks the state dict holds ("unknown" for none of them)."""
+    blocks = tuple(_count(state, rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state
+    return _RESNETS.get((bottleneck, blocks), "unknown")
+
+
 def _unsupported(setting: str, value: Any, why: str) -> ConversionError:
     return ConversionError(f"{setting} {value!r}: {why}; smca cannot convert this checkpoint")
 
@@ -146,7 +163,7 @@ def reference_config(
 
     query_count, hidden_dim = _shape(state, "query_embed.weight")
     class_rows = _shape(state, "class_embed.weight")[0]
-    backbone = given.get("backbone") or ("resnet50" if "backbone.0.body.layer1.0.conv3.weight" in state else "resnet18")
+    backbone = given.get("backbone") or _backbone_from_weights(state)
     if backbone not in BACKBONES:
         raise _unsupported("backbone", backbone, f"the backbones are {BACKBONES}")
     values: Dict[str, Any] = dict(

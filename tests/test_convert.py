@@ -131,11 +131,14 @@ def test_unsupported_settings_are_named(tmp_path, settings, message):
 
 
 def test_unsupported_layouts_are_named(tmp_path):
-    """What the weights show, without args: a learned position embedding, pre-norm, type4."""
+    """What the weights show, without args: type4, a ResNet-101, a learned position embedding,
+    pre-norm."""
     args = main_py_args("smca-detr", **{**SMALL, "dynamic_scale": "type4"})
     state = reference_state_dict("smca-detr", args)
+    resnet101 = reference_state_dict("detr", main_py_args("detr", **{**SMALL, "backbone": "resnet101"}))
     cases = {
         "dynamic_scale 'type4'": state,
+        "backbone 'resnet101'": resnet101,
         "position_embedding 'learned'": {**state, "backbone.1.row_embed.weight": torch.zeros(50, 32)},
         "pre_norm": {**state, "transformer.encoder.norm.weight": torch.ones(64)},
     }
