@@ -5,11 +5,27 @@
         --backbone_weights resnet50.pth                      # the paper's single-scale run
     torchrun --nproc_per_node 8 -m smca.train --preset smca_ms_r50 ...   # DDP, one GPU each
     python -m smca.train --preset demo --coco_path DATA --resume OUT/checkpoint.pth --eval
+    python -m smca.train --eval --resume smca_r50.pth --coco_path /data/coco   # a converted checkpoint
+    python -m smca.train --finetune smca_r50.pth --coco_path MYDATA --output_dir OUT --epochs 12 \\
+        --lr 1e-4 --lr_drop 8                       # a new run from a checkpoint's weights
 
-DETR's arguments, plus --model, --attention_backend, --amp, --max_size and --preset (a named
-set of defaults from smca.config.PRESETS that explicit flags override). num_classes defaults to
-the data's largest category id + 1. --max_size caps the longer image side over --min_sizes and
---eval_size, as DETR's resize does (a note says when it overrides them).
+DETR's arguments, plus --model, --attention_backend, --amp, --max_size, --finetune and --preset
+(a named set of defaults from smca.config.PRESETS that explicit flags override). num_classes
+defaults to the data's largest category id + 1. --max_size caps the longer image side over
+--min_sizes and --eval_size, as DETR's resize does (a note says when it overrides them).
+
+With a checkpoint (--resume, --eval --resume, --finetune), every architecture field
+(smca.checkpoint.ARCHITECTURE_FIELDS; with --finetune also the loss and matching weights,
+LOSS_FIELDS) that no flag and no --preset set is the checkpoint's, so its model flags need not
+be repeated; one that is set must agree with the checkpoint (--resume)
+or its weights must fit (--finetune). num_classes: --resume takes the checkpoint's (the data's
+category ids must be below it), --finetune the data's as a new run does. --finetune starts a new
+run (epoch 0, a fresh optimizer, schedule and step count) from the weights of a training or a
+weights-only checkpoint (smca.convert's): every tensor that fits is loaded; the class head is
+re-initialised where the number of classes differs and the query embeddings where --num_queries
+does; any other key missing or of another shape is an error naming it. The checkpoint's backbone
+weights win over --backbone_weights. A fine-tuning run writes ordinary checkpoints, continued
+with --resume; a weights-only checkpoint cannot be --resume'd for training.
 
 Every epoch: train, evaluate on val (COCO's 12-line summary), append a JSON line to
 OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth (a checkpoint already there is
@@ -31,7 +47,7 @@ import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 import torch
@@ -39,7 +55,9 @@ from smca_kernels.ops import BACKENDS
 
 from .checkpoint import (
     CheckpointError,
+    ARCHITECTURE_FIELDS,
     check_compatible,
+    is_weights_only,
     load_checkpoint,
     restore,
     rng_state,
@@ -63,7 +81,8 @@ from .data.transforms import capped_sizes_note
 from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
 
-__all__ = ["get_args_parser", "build_config", "seed_everything", "main"]
+__all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport",
+           "seed_everything", "main"]
 
 PROG = "smca-train"
 
@@ -89,7 +108,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dec_layers", type=int)
     g.add_argument("--dim_feedforward", type=int)
     g.add_argument("--dropout", type=float)
-    g.add_argument("--num_classes", type=int, help="default: the data's largest category id + 1")
+    g.add_argument(
+        "--num_classes", type=int, help="default: the data's largest category id + 1 (--resume: the checkpoint's)"
+    )
     g.add_argument("--modulation", choices=MODULATIONS)
     g.add_argument(
         "--dynamic_scale",
@@ -138,10 +159,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_size", type=int, help="evaluation shorter side (longer side capped at --max_size)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", help="where to write log.txt and checkpoint.pth (nothing is saved without it)")
-    g.add_argument(
+    start = g.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
-        help="checkpoint to continue from (with --eval: to evaluate); this run's training settings apply "
-        "(a note lists those that differ from the checkpoint's), its architecture must match",
+        help="checkpoint to continue from (with --eval: to evaluate; a weights-only one too); this run's "
+        "training settings apply (a note lists those that differ from the checkpoint's); model flags left "
+        "out are the checkpoint's, those given must match it",
+    )
+    start.add_argument(
+        "--finetune",
+        metavar="CKPT",
+        help="start a new run (epoch 0, fresh optimizer and schedule) from the weights of an smca checkpoint "
+        "(training or weights-only, e.g. smca.convert's); model flags left out are the checkpoint's, "
+        "num_classes the data's; the class head (another class count) and the queries (another "
+        "--num_queries) are re-initialised",
     )
     g.add_argument("--eval", action="store_true", help="only evaluate on val2017 and print COCO's summary")
     g.add_argument(
@@ -151,14 +182,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_config(args: argparse.Namespace) -> Config:
-    """The preset's values, overridden by every flag that was given."""
+def _chosen_values(args: argparse.Namespace) -> Dict:
+    """The preset's values, overridden by every flag that was given: the Config fields the user chose."""
     values = dict(PRESETS[args.preset]) if args.preset else {}
     # Every Config field that has a flag; a flag left out (None) keeps the preset's value.
     for field in dataclasses.fields(Config):
         if getattr(args, field.name, None) is not None:
             values[field.name] = getattr(args, field.name)
-    return Config(**values)
+    return values
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The preset's values, overridden by every flag that was given; Config's defaults for the rest."""
+    return Config(**_chosen_values(args))
+
+
+def chosen_fields(args: argparse.Namespace) -> Set[str]:
+    """Names of the Config fields set by a flag or by --preset; the others are Config's defaults,
+    which a checkpoint's architecture fields replace (_take_architecture)."""
+    return set(_chosen_values(args))
 
 
 def seed_everything(seed: int) -> None:
@@ -168,14 +210,135 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _set_num_classes(cfg: Config, given: bool, categories: Dict[int, str]) -> None:
+def _set_num_classes(cfg: Config, given: Optional[str], categories: Dict[int, str]) -> None:
     """Default num_classes to the largest category id + 1 (the sigmoid head has no background
-    class, labels index the logits directly); check an explicit value against the data."""
+    class, labels index the logits directly); check a given value against the data. given: None,
+    or where cfg.num_classes came from, for the error: "--num_classes", "the checkpoint's num_classes"."""
     needed = max(categories) + 1
-    if not given:
+    if given is None:
         cfg.num_classes = needed
     elif cfg.num_classes < needed:
-        raise DatasetError(f"--num_classes {cfg.num_classes} is too small: the data has category id {needed - 1}")
+        raise DatasetError(f"{given} {cfg.num_classes} is too small: the data has category id {needed - 1}")
+
+
+def _checkpoint_config(state: Dict, flag: str, path: str) -> Config:
+    """The Config a checkpoint was written with (defaults for fields added since)."""
+    try:
+        return Config.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{flag} {path}: the checkpoint's config cannot be read ({err})") from err
+
+
+# The loss and matching settings: a fine-tuning run keeps the checkpoint's recipe for them (a
+# converted DETR checkpoint: DETR's weights 1/5/2 and eos_coef) unless a flag or preset sets them.
+LOSS_FIELDS = (
+    "focal_alpha",
+    "focal_gamma",
+    "eos_coef",
+    "cls_loss_coef",
+    "bbox_loss_coef",
+    "giou_loss_coef",
+    "set_cost_class",
+    "set_cost_bbox",
+    "set_cost_giou",
+    "topk",
+)
+
+
+def _take_architecture(
+    cfg: Config, chosen: Set[str], saved: Config, flag: str, path: str, keep=(), fields=ARCHITECTURE_FIELDS
+) -> Config:
+    """cfg with every one of `fields` (default: ARCHITECTURE_FIELDS) that is not in `chosen` (no
+    flag, no preset) nor in `keep` replaced by the checkpoint's (`saved`). Raises CheckpointError
+    when the mix is not a valid Config (a flag that does not go with the checkpoint's other settings)."""
+    taken = {k: getattr(saved, k) for k in fields if k not in chosen and k not in keep}
+    try:
+        return dataclasses.replace(cfg, **taken)
+    except ValueError as err:
+        shown = ", ".join(f"{k} {v!r}" for k, v in taken.items())
+        raise CheckpointError(
+            f"{flag} {path}: this run's flags do not go with the checkpoint's ({shown}): {err}"
+        ) from err
+
+
+def _architecture_differences(saved: Config, cfg: Config) -> str:
+    """"name: checkpoint X, run Y; ..." for the architecture fields (but num_classes and
+    num_queries, which fine-tuning may change) where cfg differs from the checkpoint's config."""
+    return "; ".join(
+        f"{k}: checkpoint {getattr(saved, k)!r}, run {getattr(cfg, k)!r}"
+        for k in ARCHITECTURE_FIELDS
+        if getattr(saved, k) != getattr(cfg, k) and k not in ("num_classes", "num_queries")
+    )
+
+
+@dataclasses.dataclass
+class FinetuneReport:
+    """What load_finetune_weights did: the keys loaded from the checkpoint, the keys left at the
+    model's initialisation, and a phrase for each re-initialised part."""
+
+    loaded: List[str]
+    reinitialised: List[str]
+    notes: List[str]
+
+    def line(self, path: str) -> str:
+        done = f"re-initialised {', '.join(self.notes)}" if self.notes else "nothing re-initialised"
+        return f"{PROG}: fine-tuning from {path}: loaded {len(self.loaded)} tensors; {done}"
+
+
+def _listed(keys: List[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_finetune_weights(model: torch.nn.Module, state: Dict, path: str = "checkpoint") -> FinetuneReport:
+    """Load the weights of checkpoint `state` (load_checkpoint's dict) that fit the freshly built
+    `model`. The class head (class_embed.*) keeps its fresh initialisation where its number of
+    classes (rows) differs, the query embeddings (query_embed.weight) where the number of queries
+    does; any other key missing on either side or of another shape is a CheckpointError naming the
+    keys (another architecture). model: the bare model (no DDP wrapper)."""
+    weights, ours = state["model"], model.state_dict()
+    saved_classifier = state.get("config", {}).get("classifier", "focal")  # absent: before softmax existed
+
+    def classes(rows: int, classifier: str) -> int:  # softmax: one row more, "no object"
+        return rows - (classifier == "softmax")
+
+    loaded, reinitialised, notes = [], [], []
+    missing, unexpected, other_shape = [], sorted(set(weights) - set(ours)), []
+    for key, tensor in ours.items():
+        if key not in weights:
+            missing.append(key)
+        elif weights[key].shape == tensor.shape:
+            loaded.append(key)
+        elif key.startswith("class_embed.") and weights[key].shape[1:] == tensor.shape[1:]:
+            reinitialised.append(key)
+            if key == "class_embed.weight":
+                change = f"; classifier {saved_classifier} -> {model.classifier}"
+                notes.append(
+                    f"class_embed (checkpoint {classes(weights[key].shape[0], saved_classifier)} classes, "
+                    f"run {classes(tensor.shape[0], model.classifier)}"
+                    f"{change if saved_classifier != model.classifier else ''})"
+                )
+        elif key == "query_embed.weight" and weights[key].shape[1:] == tensor.shape[1:]:
+            reinitialised.append(key)
+            notes.append(f"query_embed ({weights[key].shape[0]} -> {tensor.shape[0]} queries)")
+        else:
+            other_shape.append(f"{key} (checkpoint {tuple(weights[key].shape)}, run {tuple(tensor.shape)})")
+    if missing or unexpected or other_shape:
+        problems = [
+            f"{what}: {_listed(keys)}"
+            for what, keys in (
+                ("of another shape", other_shape),
+                ("missing from the checkpoint", missing),
+                ("not in this model", unexpected),
+            )
+            if keys
+        ]
+        raise CheckpointError(
+            f"--finetune {path}: its weights do not fit this run's model (another architecture; leave out the "
+            "model flags to take the checkpoint's): " + "; ".join(problems)
+        )
+    model.load_state_dict({k: weights[k] if k in loaded else v for k, v in ours.items()})
+    return FinetuneReport(loaded, reinitialised, notes)
 
 
 def _steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
@@ -289,17 +452,63 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     dataset_val = build_dataset("val", cfg)
     dataset_train = None if cfg.eval else build_dataset("train", cfg)
     categories = (dataset_train or dataset_val).categories
-    _set_num_classes(cfg, args.num_classes is not None, categories)
     note = capped_sizes_note((cfg.eval_size,) + (() if cfg.eval else cfg.min_sizes), cfg.max_size)
     if note and main_process:
         print(f"{PROG}: note: {note}", file=sys.stderr)
-    state = None
+    chosen = chosen_fields(args)
+    num_classes_from = "--num_classes" if "num_classes" in chosen else None
+    state = finetune = None
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
+        if is_weights_only(state) and not cfg.eval:
+            origin = f" (converted from {state['converted_from']})" if state.get("converted_from") else ""
+            raise CheckpointError(
+                f"--resume {cfg.resume}: the checkpoint holds weights only{origin}, no optimizer, schedule or "
+                f"epoch to continue training from: start a new training run from its weights with --finetune "
+                f"{cfg.resume} (or evaluate it with --eval --resume)"
+            )
+        saved = _checkpoint_config(state, "--resume", cfg.resume)
+        cfg = _take_architecture(cfg, chosen, saved, "--resume", cfg.resume)
+        num_classes_from = num_classes_from or "the checkpoint's num_classes"
+    elif args.finetune:
+        finetune = args.finetune
+        state = load_checkpoint(finetune)
+        saved = _checkpoint_config(state, "--finetune", finetune)
+        # num_classes is the data's (or --num_classes), as for any new run.
+        cfg = _take_architecture(
+            cfg, chosen, saved, "--finetune", finetune, keep=("num_classes",), fields=ARCHITECTURE_FIELDS + LOSS_FIELDS
+        )
+    _set_num_classes(cfg, num_classes_from, categories)
+    if cfg.resume:
         check_compatible(state, cfg, cfg.resume)
     _check_no_work_is_overwritten(cfg)
 
-    model, criterion, postprocessor = build_model(cfg)
+    if finetune:
+        # Every weight comes from the checkpoint (a missing one is an error), the backbone's too.
+        if cfg.backbone_weights is not None and main_process:
+            print(
+                f"{PROG}: note: --backbone_weights {cfg.backbone_weights} is not used: the backbone's weights "
+                f"come from --finetune {finetune}",
+                file=sys.stderr,
+            )
+        model, criterion, postprocessor = build_model(dataclasses.replace(cfg, backbone_weights=None))
+        differ = _architecture_differences(saved, cfg)
+        try:
+            report = load_finetune_weights(model, state, finetune)
+        except CheckpointError as err:
+            if differ:
+                raise CheckpointError(f"{err}. Settings given that differ from the checkpoint's: {differ}") from None
+            raise
+        if main_process:
+            print(report.line(finetune))
+            if differ:
+                print(
+                    f"{PROG}: note: fine-tuning with model settings other than the checkpoint's: {differ}",
+                    file=sys.stderr,
+                )
+        state = None  # a new run: no optimizer, schedule, step or generators from the checkpoint
+    else:
+        model, criterion, postprocessor = build_model(cfg)
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
@@ -393,7 +602,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
             f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
             f"{len(dataset_train)} training images, {todo}, device {device}"
         )
-        if cfg.lr_backbone <= 0 and cfg.backbone_weights is None and not cfg.resume:
+        if cfg.lr_backbone <= 0 and cfg.backbone_weights is None and not cfg.resume and not finetune:
             print(
                 f"{PROG}: warning: lr_backbone {cfg.lr_backbone} keeps the backbone frozen at random weights; "
                 "give --backbone_weights (smca.pretrain_backbone makes some) or a positive --lr_backbone",
@@ -467,6 +676,8 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.finetune and args.eval:
+        parser.error(f"--finetune starts a training run; to evaluate a checkpoint give --eval --resume {args.finetune}")
     try:
         cfg = build_config(args)
     except ValueError as err:

@@ -1,8 +1,10 @@
 """Training CLI: exact resume after a kill, 2-process DDP (gloo), non-finite loss, bad inputs, predict."""
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -570,6 +572,229 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(data_root, stra
     assert [line["epoch"] for line in _log(out)] == list(range(EPOCHS))
 
 
+# --- Checkpoints in: architecture from the checkpoint, weights-only checkpoints, --finetune --------
+
+MODEL_FLAGS = (
+    "--model", "--backbone", "--hidden_dim", "--nheads", "--num_queries", "--enc_layers", "--dec_layers", "--dim_feedforward"
+)
+
+
+def _without(argv, names):
+    """argv without the given one-value flags (and their values)."""
+    out, items = [], iter(argv)
+    for item in items:
+        if item in names:
+            next(items)
+        else:
+            out.append(item)
+    return out
+
+
+TRAINING = _without(TINY, MODEL_FLAGS)  # TINY's training, data and run flags: the model comes from a checkpoint
+
+
+def _remapped_data(data_root, root, new_id):
+    """A data root sharing data_root's images whose category ids (annotations and categories of
+    both splits) are new_id(id); ids mapped to one are merged."""
+    os.makedirs(os.path.join(root, "annotations"))
+    for split in ("train", "val"):
+        os.symlink(os.path.join(data_root, f"{split}2017"), os.path.join(root, f"{split}2017"))
+        with open(os.path.join(data_root, "annotations", f"instances_{split}2017.json")) as f:
+            coco = json.load(f)
+        names = {}
+        for category in coco["categories"]:
+            names.setdefault(new_id(category["id"]), category["name"])
+        coco["categories"] = [{"id": i, "name": name} for i, name in sorted(names.items())]
+        for ann in coco["annotations"]:
+            ann["category_id"] = new_id(ann["category_id"])
+        with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as f:
+            json.dump(coco, f)
+    return str(root)
+
+
+@pytest.fixture
+def finetune_loads(monkeypatch):
+    """The model's weights right after --finetune loaded them (filled in by the run)."""
+    loaded = {}
+    original = train.load_finetune_weights
+
+    def spy(model, state, path="checkpoint"):
+        report = original(model, state, path)
+        loaded.update({k: v.clone() for k, v in model.state_dict().items()})
+        return report
+
+    monkeypatch.setattr(train, "load_finetune_weights", spy)
+    return loaded
+
+
+def test_finetune_onto_data_with_another_category_count(data_root, straight_run, finetune_loads, tmp_path, capsys):
+    """A checkpoint of 7 classes fine-tuned onto data of 4 (ids 1..3) with no model flags: its
+    architecture, all its weights but the re-initialised class head, a fresh optimizer, schedule
+    and step count; the run's checkpoint then continues with --resume, again without model flags."""
+    root = _remapped_data(data_root, tmp_path / "three", lambda c: (c - 1) % 3 + 1)
+    source = os.path.join(straight_run, "checkpoint.pth")
+    before = load_checkpoint(source)
+    out = str(tmp_path / "finetuned")
+    argv = TRAINING + ["--coco_path", root, "--output_dir", out, "--lr_backbone", "0"]
+    train.main(argv + ["--epochs", "1", "--finetune", source])
+    printed = capsys.readouterr()
+    expected = f"loaded {len(before['model']) - 2} tensors; re-initialised class_embed (checkpoint 7 classes, run 4)"
+    assert f"smca-train: fine-tuning from {source}: {expected}\n" in printed.out
+    assert "frozen at random weights" not in printed.err  # the backbone is the checkpoint's
+    assert set(finetune_loads) == set(before["model"])
+    for key, tensor in before["model"].items():
+        if key.startswith("class_embed."):
+            assert finetune_loads[key].shape[0] == 4 and tensor.shape[0] == 7, key
+        else:
+            assert torch.equal(finetune_loads[key], tensor), key
+    state = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert (state["epoch"], state["step"], state["lr_scheduler"]["last_epoch"]) == (0, 4, 1)  # a new run
+    first = state["optimizer"]["param_groups"][0]["params"][0]
+    assert state["optimizer"]["state"][first]["step"] == 4  # fresh Adam moments (the checkpoint's had 8 steps)
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3
+    assert state["config"]["num_classes"] == 4 and state["config"]["resume"] is None
+    for k in ("hidden_dim", "num_queries", "enc_layers", "dec_layers", "dim_feedforward", "backbone"):
+        assert state["config"][k] == before["config"][k], k
+    log = _log(out)
+    assert [(line["epoch"], line["step"]) for line in log] == [(0, 4)] and len(log[0]["test_coco_eval_bbox"]) == 12
+
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    train.main(argv + ["--epochs", "2", "--resume", checkpoint])
+    assert [(line["epoch"], line["step"]) for line in _log(out)] == [(0, 4), (1, 8)]
+    resumed = load_checkpoint(checkpoint)
+    assert resumed["config"]["num_classes"] == 4 and resumed["model"]["class_embed.weight"].shape[0] == 4
+
+
+def test_finetune_with_another_number_of_queries(data_root, straight_run, finetune_loads, tmp_path, capsys):
+    source = os.path.join(straight_run, "checkpoint.pth")
+    before = load_checkpoint(source)
+    out = str(tmp_path / "queries")
+    train.main(TRAINING + ["--coco_path", data_root, "--output_dir", out, "--epochs", "1"]
+               + ["--num_queries", "5", "--finetune", source])
+    expected = f"loaded {len(before['model']) - 1} tensors; re-initialised query_embed (10 -> 5 queries)\n"
+    assert f"fine-tuning from {source}: {expected}" in capsys.readouterr().out
+    assert finetune_loads["query_embed.weight"].shape == (5, 32)
+    for key, tensor in before["model"].items():
+        if key != "query_embed.weight":
+            assert torch.equal(finetune_loads[key], tensor), key  # the class head too: 7 classes both
+    state = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert state["config"]["num_queries"] == 5 and state["model"]["query_embed.weight"].shape == (5, 32)
+
+
+def test_finetune_of_another_architecture_names_the_keys(data_root, straight_run, tmp_path, capsys):
+    source = os.path.join(straight_run, "checkpoint.pth")
+    out = tmp_path / "wider"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TRAINING + ["--coco_path", data_root, "--output_dir", str(out), "--epochs", "1"]
+                   + ["--hidden_dim", "64", "--finetune", source])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--finetune {source}: its weights do not fit this run's model" in err
+    assert "input_proj.0.weight (checkpoint (32, 512, 1, 1), run (64, 512, 1, 1))" in err
+    assert "Settings given that differ from the checkpoint's: hidden_dim: checkpoint 32, run 64" in err
+    assert not out.exists()
+
+
+def test_load_finetune_weights_refuses_missing_and_unknown_keys(straight_run):
+    """Unit level: the keys of another model are named (present in the checkpoint only, or in the
+    model only); a class head of another classifier is re-initialised and said to be."""
+    from smca import Config
+
+    state = load_checkpoint(os.path.join(straight_run, "checkpoint.pth"))
+    saved = Config.from_dict(state["config"])
+    detr, _, _ = smca.models.build_model(dataclasses.replace(saved, model="detr"))
+    extra = sorted(set(state["model"]) - set(detr.state_dict()))
+    with pytest.raises(train.CheckpointError, match=r"not in this model: " + re.escape(extra[0])):
+        train.load_finetune_weights(detr, state, "ckpt.pth")
+    smca_model, _, _ = smca.models.build_model(saved)
+    partial = dict(state, model={k: v for k, v in state["model"].items() if k != "decoder.norm.weight"})
+    with pytest.raises(train.CheckpointError, match="missing from the checkpoint: decoder.norm.weight$"):
+        train.load_finetune_weights(smca_model, partial)
+    softmax, _, _ = smca.models.build_model(dataclasses.replace(saved, classifier="softmax"))
+    report = train.load_finetune_weights(softmax, state)
+    assert report.notes == ["class_embed (checkpoint 7 classes, run 7; classifier focal -> softmax)"]
+    assert report.reinitialised == ["class_embed.weight", "class_embed.bias"]
+    assert len(report.loaded) == len(state["model"]) - 2
+
+
+@pytest.mark.parametrize("other, message", [
+    (["--resume", "other.pth"], "argument --resume: not allowed with argument --finetune"),
+    (["--eval"], "--finetune starts a training run; to evaluate a checkpoint give --eval --resume"),
+])
+def test_finetune_with_resume_or_eval_is_a_parser_error(data_root, tmp_path, capsys, other, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--coco_path", data_root, "--output_dir", str(out), "--finetune", "x.pth"] + other)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: smca-train") and message in err
+    assert not out.exists()
+
+
+# A converted checkpoint's architecture, none of it the defaults' or TINY's.
+CONVERTED = dict(
+    model="smca", backbone="resnet18", hidden_dim=32, nheads=4, num_queries=7, enc_layers=1, dec_layers=2,
+    dim_feedforward=64, num_classes=9, dynamic_scale="type1", classifier="softmax", modulation="head_shared",
+)
+EVAL = ["--device", "cpu", "--num_workers", "0", "--eval_size", "64", "--max_size", "96", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def weights_only(tmp_path_factory):
+    """A weights-only checkpoint (as smca.convert writes) of the CONVERTED architecture."""
+    from smca import Config
+    from smca.checkpoint import save_weights
+
+    # a recipe of its own for the losses, as a converted DETR checkpoint has DETR's
+    cfg = Config(device="cpu", cls_loss_coef=1.0, set_cost_class=1.0, eos_coef=0.3, **CONVERTED)
+    torch.manual_seed(3)
+    model, _, _ = smca.models.build_model(cfg)
+    path = str(tmp_path_factory.mktemp("converted") / "converted.pth")
+    save_weights(path, model, cfg, NAMES, converted_from="a test")
+    return path
+
+
+def _eval_stats(out):
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)["test_coco_eval_bbox"]
+
+
+def test_eval_of_a_weights_only_checkpoint_needs_no_model_flags(data_root, weights_only, tmp_path, capsys):
+    """--eval --resume of a converted checkpoint with no model flag evaluates its model: the same
+    COCO numbers as with every model flag repeated."""
+    implicit, explicit = str(tmp_path / "implicit"), str(tmp_path / "explicit")
+    train.main(["--eval", "--resume", weights_only, "--coco_path", data_root, "--output_dir", implicit] + EVAL)
+    flags = [x for k, v in CONVERTED.items() for x in (f"--{k}", str(v))]
+    train.main(["--eval", "--resume", weights_only, "--coco_path", data_root, "--output_dir", explicit] + EVAL + flags)
+    printed = capsys.readouterr().out
+    assert printed.count(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 2
+    assert len(_eval_stats(implicit)) == 12 and _eval_stats(implicit) == _eval_stats(explicit)
+
+
+@pytest.mark.parametrize("case", ["train", "flag_differs", "too_few_classes"])
+def test_weights_only_checkpoint_errors_touch_no_output(data_root, weights_only, tmp_path, capsys, case):
+    """--resume of a weights-only checkpoint for training points to --finetune; with --eval a
+    model flag given must still agree, and the checkpoint's num_classes must cover the data's
+    ids. Nothing is written."""
+    out = tmp_path / "out"
+    argv = ["--resume", weights_only, "--output_dir", str(out), "--coco_path"]
+    if case == "train":
+        argv += [data_root] + TRAINING + ["--epochs", "1"]
+        message = "holds weights only (converted from a test), no optimizer, schedule or epoch to continue"
+        message += f" training from: start a new training run from its weights with --finetune {weights_only}"
+    elif case == "flag_differs":
+        argv += [data_root, "--eval", "--classifier", "focal"] + EVAL
+        message = "another model or configuration: classifier: checkpoint 'softmax', run 'focal'"
+    else:  # category ids 6..11: the checkpoint's 9 classes are too few
+        argv += [_remapped_data(data_root, tmp_path / "shifted", lambda c: c + 5), "--eval"] + EVAL
+        message = "the checkpoint's num_classes 9 is too small: the data has category id 11"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("bad", [["--lr_drop", "0"], ["--batch_size", "0"], ["--max_size", "0"], ["--min_sizes", "64", "0"]])
 def test_sizes_and_schedule_below_one_are_refused(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -748,3 +973,14 @@ def test_transforms_cap_every_size(image_set):
         for _ in range(10):
             out, target = transforms(image, {"boxes": boxes, "labels": torch.tensor([1])})
             assert max(out.shape[-2:]) == 96 and target["labels"].tolist() == [1]
+
+
+def test_finetune_keeps_the_checkpoints_loss_recipe(data_root, weights_only, tmp_path, capsys):
+    """Fine-tuning a converted checkpoint trains with its loss and matching weights (DETR's for
+    a DETR checkpoint), except those a flag sets."""
+    out = tmp_path / "out"
+    train.main(["--finetune", weights_only, "--output_dir", str(out), "--coco_path", data_root, "--epochs", "1",
+                "--set_cost_class", "2"] + TRAINING)
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["config"]
+    assert (saved["cls_loss_coef"], saved["eos_coef"], saved["set_cost_class"]) == (1.0, 0.3, 2.0)
+    assert saved["classifier"] == "softmax" and saved["dynamic_scale"] == CONVERTED["dynamic_scale"]
