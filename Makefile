@@ -5,7 +5,7 @@
 #               evaluate, draw predictions (python -m smca.demo).
 # make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results,
 #               the committed tables; run by hand, the script writes to runs/bench).
-# make convergence: install, then the convergence study, SMCA vs DETR (~30 min on 2 CPU cores).
+# make convergence: install, then the convergence study, SMCA vs DETR (~40 min on 2 CPU cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

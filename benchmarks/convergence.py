@@ -1,7 +1,13 @@
 """The convergence study: SMCA-DETR (single- and multi-scale) against plain DETR, same code,
 data, seeds and budget; COCO AP against training steps.
 
-    python benchmarks/convergence.py                      # the built-in data, ~30 min on 2 CPU cores
+The models (MODELS below: each name's smca.train flags, the only flags that differ between runs):
+smca and smca_ms (SMCA, single- and multi-scale); detr, the SMCA paper's baseline (SMCA's code
+and recipe, focal classifier, with the Gaussian off); detr_softmax, DETR as published (the same,
+but DETR's softmax classifier with a no-object class: cross-entropy with eos_coef 0.1, class
+cost -probability, loss and cost weights 1). detr is the baseline of "steps to reach".
+
+    python benchmarks/convergence.py                      # the built-in data, ~40 min on 2 CPU cores
     python benchmarks/convergence.py --device cuda --epochs 60 --num_train 4096
     python benchmarks/convergence.py --coco_path /data/coco --backbone_weights resnet50.pth \\
         --work_dir runs/coco --device cuda --epochs 50 --lr_drop 40 -- --preset smca_r50
@@ -13,19 +19,20 @@ What it does, each step skipped when its output is already there (so a killed st
     --backbone_weights): SMCA and DETR fine-tune a pretrained backbone, and without one both
     models would spend the budget learning features, which is not what is compared here;
  3. trains every model of --models with every seed of --seeds through smca.train, same flags
-    but --model and --seed, --jobs runs at a time (each with its share of the CPU threads),
-    into WORK_DIR/runs/MODEL_seedSEED (a run with a checkpoint is resumed); smca.train
+    but the model's (MODELS) and --seed, --jobs runs at a time (each with its share of the CPU
+    threads), into WORK_DIR/runs/MODEL_seedSEED (a run with a checkpoint is resumed); smca.train
     evaluates COCO AP after every epoch;
  4. writes benchmarks/results/convergence.csv (model, seed, step, ap: COCO AP@[.5:.95] in
     0..1 after `step` optimizer steps), a plot of AP against steps (mean over seeds, band from
-    the lowest to the highest seed), and prints each model's final AP, the steps each SMCA
-    model needs to reach the baseline's (detr's) final AP when the baseline is among --models,
-    and how much of a confident query's attention falls inside its own box (attention_in_box).
+    the lowest to the highest seed), and prints each model's final AP, the steps each model
+    needs to reach the baseline's (detr's) final AP when the baseline is among --models, and how
+    much of a confident query's attention falls inside its own box (attention_in_box).
 
 Flags after `--` go to smca.train unchanged, so the study scales to a GPU and to COCO without
 editing this file. On the built-in data they override STUDY_TRAIN_ARGS below; with --coco_path
-they are all that is passed besides the study's own (choose the model there, e.g. --preset
-smca_r50: the paper's recipe, with the backbone fine-tuned at its lr_backbone).
+they are all that is passed besides the study's own (choose the recipe there, e.g. --preset
+smca_r50: the paper's, with the backbone fine-tuned at its lr_backbone). A model's own flags
+(MODELS) come last and win over both.
 """
 
 import argparse
@@ -43,7 +50,20 @@ from smca.config import lr_drop_for
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-MODELS = ("smca", "smca_ms", "detr")
+# Study model name -> (label for the plot and the printout, smca.train flags). The flags come
+# after every other flag, so they win ("the last of a flag wins"); on the built-in data they sit
+# on top of STUDY_TRAIN_ARGS, so the four runs differ only in these.
+MODELS: Dict[str, Tuple[str, List[str]]] = {
+    "smca": ("SMCA, single scale", ["--model", "smca"]),
+    "smca_ms": ("SMCA, multi-scale", ["--model", "smca_ms"]),
+    "detr": ("DETR, SMCA's baseline: Gaussian off, focal classifier", ["--model", "detr"]),
+    "detr_softmax": (
+        "DETR as published: softmax classifier with a no-object class",
+        # smca.config PRESETS["detr_r50_published"]'s classifier and loss, on the study's model
+        ["--model", "detr", "--classifier", "softmax", "--cls_loss_coef", "1", "--set_cost_class", "1"]
+        + ["--eos_coef", "0.1"],
+    ),
+}
 BASELINE = "detr"
 
 # smca.train flags of the study on the built-in data: the demo model (ResNet-18, d 64, 2 encoder
@@ -51,6 +71,17 @@ BASELINE = "detr"
 # backbone that stays frozen (lr_backbone 0), so that every step trains the transformer, the
 # part that differs between the models.
 STUDY_TRAIN_ARGS = ["--preset", "demo"]
+
+
+def model_flags(model: str) -> List[str]:
+    """The smca.train flags that make `model` of the study (a name of MODELS)."""
+    return list(MODELS[model][1])
+
+
+def model_label(model: str) -> str:
+    """The name and what it is, for the plot's legend and the printout (the name for a model
+    outside MODELS, as in a CSV of another study)."""
+    return f"{model}: {MODELS[model][0]}" if model in MODELS else model
 
 
 def _run(cmd: List[str], log: str, threads: int) -> subprocess.Popen:
@@ -81,7 +112,7 @@ def _train_all(
             cmd += ["--epochs", str(args.epochs), "--lr_drop", str(args.lr_drop or lr_drop_for(args.epochs))]
             cmd += ["--num_workers", str(args.num_workers), "--no_progress"]
             cmd += ["--backbone_weights", backbone] if backbone else []
-            cmd += [*train_args, "--model", model, "--seed", str(seed)]  # the last of a flag wins
+            cmd += [*train_args, *model_flags(model), "--seed", str(seed)]  # the last of a flag wins
             if os.path.isfile(_checkpoint(args.work_dir, model, seed)):
                 cmd += ["--resume", _checkpoint(args.work_dir, model, seed)]
             print(f"training {model} seed {seed} -> {out}", flush=True)
@@ -223,13 +254,13 @@ def plot(rows: Sequence[Dict], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, (steps, mean, low, high) in mean_curves(rows).items():
-        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=model)
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=model_label(model))
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training steps")
     ax.set_ylabel("COCO AP@[.5:.95]")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -294,6 +325,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for model in args.models
     }
     print(format_summary(summarize(rows, attention=attention)))
+    print("\n" + "\n".join(f"{model_label(m)} ({' '.join(model_flags(m))})" for m in args.models))
     print(f"\n{len(runs)} runs in {(time.time() - start) / 60:.1f} min; CSV and plot in {args.results}")
 
 

@@ -1,6 +1,7 @@
 """Backbone pretraining (smca.pretrain_backbone) and the convergence study (benchmarks/convergence.py)."""
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from smca import Config
+from smca.config import PRESETS
 from smca.data.synthetic import make_dataset
 from smca.models import build_model
 from smca.pretrain_backbone import IGNORE, cell_labels, pretrain_backbone
+from smca.train import build_config, get_args_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,6 +166,34 @@ def test_study_end_to_end_writes_csv_plot_and_resumes(tmp_path, capsys):
     assert os.path.getmtime(os.path.join(work, "runs", "detr_seed0", "checkpoint.pth")) == mtime
     with open(os.path.join(results, "convergence.csv")) as f:
         assert list(csv.DictReader(f)) == rows
+
+
+def _study_config(model, extra=()):
+    """The Config smca.train builds for one of the study's runs on the built-in data."""
+    argv = [*study.STUDY_TRAIN_ARGS, *extra, *study.model_flags(model), "--seed", "0"]
+    argv += ["--coco_path", "unused", "--output_dir", "unused"]
+    return dataclasses.asdict(build_config(get_args_parser().parse_args(argv)))
+
+
+def test_models_map_to_train_flags_and_differ_only_in_them():
+    assert list(study.MODELS) == ["smca", "smca_ms", "detr", "detr_softmax"] and study.BASELINE == "detr"
+    configs = {model: _study_config(model) for model in study.MODELS}
+    assert {m: c["model"] for m, c in configs.items()} == dict(
+        smca="smca", smca_ms="smca_ms", detr="detr", detr_softmax="detr"
+    )
+    # detr keeps SMCA's focal classifier (the SMCA paper's baseline); detr_softmax is DETR as
+    # published, the classifier and loss weights of the detr_r50_published preset, on the demo model.
+    assert configs["detr"]["classifier"] == "focal"
+    published, loss = PRESETS["detr_r50_published"], ("classifier", "cls_loss_coef", "set_cost_class", "eos_coef")
+    assert {k: configs["detr_softmax"][k] for k in loss} == {k: published[k] for k in loss}
+    changed = {k for k in configs["detr"] if configs["detr"][k] != configs["detr_softmax"][k]}
+    assert "classifier" in changed and changed == {k for k in loss if configs["detr"][k] != published[k]}
+    assert configs["detr_softmax"]["num_queries"] == PRESETS["demo"]["num_queries"]  # the demo's, not DETR's 100
+    # A model's flags win over those after "--" (they come last), and every label names its model.
+    assert _study_config("detr_softmax", ["--classifier", "focal", "--num_queries", "20"])["classifier"] == "softmax"
+    assert _study_config("detr_softmax", ["--num_queries", "20"])["num_queries"] == 20
+    assert study.model_label("detr_softmax").startswith("detr_softmax: DETR as published")
+    assert study.model_label("other") == "other"
 
 
 def test_summary_without_the_baseline_has_no_steps_to_reach():
