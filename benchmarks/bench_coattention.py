@@ -4,10 +4,11 @@ Run:  python benchmarks/bench_coattention.py [--device cpu|cuda] [--dtype bfloat
           [--shapes 25x38 50x76 50x76+25x38+13x19] [--providers naive flex smca ...]
           [--modes fwd fwd_bwd] [--repeats N] [--warmup N] [--padding-mask] [--quick] [--out DIR]
 
-A shape "HxW" is a Gaussian co-attention case (SPEC 1.1); "H0xW0+H1xW1+..." a scale-selective
-case (SPEC 1.2) over those levels. Defaults are SPEC 4: batch 2, 8 heads, 300 queries, head dim
-32, 25x38 and 50x76 (Gaussian), 50x76+25x38+13x19 = 4997 keys (scale-selective); float32 on CPU,
-bfloat16 on CUDA. Without --padding-mask no key padding mask is used (the default).
+A shape "HxW" is a Gaussian co-attention case; "H0xW0+H1xW1+..." a scale-selective case over
+those levels (docs/operators.md). Defaults are the shapes of docs/kernels.md, Benchmark shapes:
+batch 2, 8 heads, 300 queries, head dim 32, 25x38 and 50x76 (Gaussian), 50x76+25x38+13x19 = 4997
+keys (scale-selective); float32 on CPU, bfloat16 on CUDA. Without --padding-mask no key padding
+mask is used (the default).
 
 Providers (one setup function each; all get the same inputs and compute the same function,
 except the floor):
@@ -16,7 +17,8 @@ except the floor):
   sdpa_mask    F.scaled_dot_product_attention with the materialised float bias (logG, -inf at
                padded keys) as attn_mask; the bias is built from centers/precision in the call,
                so the gradient reaches them (on CUDA: the memory-efficient backend).
-  sdpa_folded  the bias is rank 4 once the per-query constant is dropped (SPEC 1.1):
+  sdpa_folded  the bias is rank 4 once the per-query constant is dropped (docs/operators.md,
+               The rank-4 bias):
                q' = [scale q, -px^2, 2 px^2 cx, -py^2, 2 py^2 cy], k' = [k, x^2, x, y^2, y];
                q', k' and v zero-padded to a multiple of 8 (32 + 4 -> 40) so that SDPA keeps its
                fast path, SDPA with scale=1, output sliced back to D. A padding mask can only be

@@ -161,8 +161,9 @@ def lr_drop_for(epochs: int) -> int:
     return max(1, round(0.8 * epochs))
 
 
-# Overrides of the defaults. The paper's settings (SPEC section 2), DETR as published, and a tiny
-# CPU-friendly demo (num_classes is left to the data set: the training CLI sets it).
+# Overrides of the defaults. The paper's settings (docs/model.md, Training recipe), DETR as
+# published, and a tiny CPU-friendly demo (num_classes is left to the data set: the training CLI
+# sets it).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "smca_r50": {"model": "smca", "backbone": "resnet50", "modulation": "multi_head"},
     "smca_shared_r50": {"model": "smca", "backbone": "resnet50", "modulation": "head_shared"},

@@ -44,12 +44,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from typing import Dict, List, Optional, Set
 
-import numpy as np
 import torch
 from smca_kernels.ops import BACKENDS
 
@@ -78,11 +76,10 @@ from .config import (
 )
 from .data import DatasetError, build_dataloader, build_dataset
 from .data.transforms import capped_sizes_note
-from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
+from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process, seed_everything
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
 
-__all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport",
-           "seed_everything", "main"]
+__all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport", "main"]
 
 PROG = "smca-train"
 
@@ -201,13 +198,6 @@ def chosen_fields(args: argparse.Namespace) -> Set[str]:
     """Names of the Config fields set by a flag or by --preset; the others are Config's defaults,
     which a checkpoint's architecture fields replace (_take_architecture)."""
     return set(_chosen_values(args))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random (every generator training draws from)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _set_num_classes(cfg: Config, given: Optional[str], categories: Dict[int, str]) -> None:

@@ -11,7 +11,8 @@ import smca_kernels
 from smca.config import PRESETS, Config
 from smca.models import build_model
 from smca.models.postprocess import PostProcess
-from smca.models.utils import pad_images, unpadded_sizes
+from smca.predict import attention_maps, predict
+from smca.utils import pad_images, unpadded_sizes
 
 VARIANTS = [("smca", "multi_head"), ("smca", "head_shared"), ("smca_ms", "multi_head"), ("smca_ms", "head_shared"), ("detr", "multi_head")]
 
@@ -290,7 +291,7 @@ def test_predict_returns_boxes_in_input_pixels():
     _constant_prediction(model, torch.logit(torch.tensor([0.5, 0.5, 0.5, 0.5])))
     model.train()
     images = [torch.rand(3, 40, 100), (torch.rand(3, 30, 30) * 255).to(torch.uint8)]
-    results = model.predict(images, threshold=0.5)
+    results = predict(model, images, threshold=0.5)
     assert model.training  # mode restored
     assert len(results) == 2
     for result, (h, w) in zip(results, [(40, 100), (30, 30)]):
@@ -298,7 +299,7 @@ def test_predict_returns_boxes_in_input_pixels():
         assert (result["labels"] == 0).all() and (result["scores"] > 0.99).all()
         expected = torch.tensor([w / 4, h / 4, 3 * w / 4, 3 * h / 4])
         torch.testing.assert_close(result["boxes"], expected.expand_as(result["boxes"]))
-    batch_results = model.predict(torch.rand(2, 3, 40, 100), threshold=0.999)
+    batch_results = predict(model, torch.rand(2, 3, 40, 100), threshold=0.999)
     assert [len(r["boxes"]) for r in batch_results] == [0, 0]
 
 
@@ -307,7 +308,7 @@ def test_attention_maps(variant):
     torch.manual_seed(0)
     model, _, _ = build_model(tiny_config(model=variant, eval_size=96, max_size=128))
     images = [torch.rand(3, 96, 128), torch.rand(3, 64, 96)]
-    maps = model.attention_maps(images, query_indices=[0, 3, 7], layer=-1)
+    maps = attention_maps(model, images, query_indices=[0, 3, 7], layer=-1)
     height, width = maps["feature_size"]
     stride = 16 if variant == "smca_ms" else 32
     assert maps["stride"] == stride and maps["padded_size"] == (96, 128)

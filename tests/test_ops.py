@@ -2,8 +2,8 @@
 registration (opcheck, torch.compile) and bad input.
 
 The C++ CPU kernel runs always; the Triton kernels run on the GPU when there is one, else on CPU
-tensors through the interpreter (small shapes: it is slow); the SPEC-sized GPU cases are in
-test_gpu.py.
+tensors through the interpreter (small shapes: it is slow); the GPU cases at the benchmark shapes
+(docs/kernels.md, Benchmark shapes) are in test_gpu.py.
 """
 import functools
 import zlib
@@ -211,8 +211,8 @@ def test_gradcheck_gaussian_cpu(dropout_p, mask):
     t = leaves(make_inputs(case, torch.Generator().manual_seed(0)), torch.float64, "cpu")
 
     def fn(q, k, v, centers, precision):  # a fixed seed: the backward must redraw the same mask
-        return torch.ops.smca.gaussian_coattention(
-            q, k, v, centers, precision, [2, 3], t["mask"], 0.5, dropout_p, 1234, "cpu"
+        return torch.ops.smca._coattention_forward(
+            q, k, v, centers.unsqueeze(3), precision.unsqueeze(3), None, [2, 3], t["mask"], 0.5, dropout_p, 1234
         )[0]
 
     _cpu_gradcheck(fn, (t["q"], t["k"], t["v"], t["centers"], t["precision"]))
@@ -224,8 +224,8 @@ def test_gradcheck_scale_selective_cpu(dropout_p):
     t = leaves(make_inputs(case, torch.Generator().manual_seed(1)), torch.float64, "cpu")
 
     def fn(q, k, v, centers, precision, alpha):
-        return torch.ops.smca.scale_selective_coattention(
-            q, k, v, centers, precision, alpha, [2, 2, 1, 2], t["mask"], 0.5, dropout_p, 99, "cpu"
+        return torch.ops.smca._coattention_forward(
+            q, k, v, centers, precision, alpha, [2, 2, 1, 2], t["mask"], 0.5, dropout_p, 99
         )[0]
 
     _cpu_gradcheck(fn, (t["q"], t["k"], t["v"], t["centers"], t["precision"], t["alpha"]))
@@ -282,45 +282,49 @@ def test_dropout_matches_cpu(backend, multi):
 # ----------------------------------------------------------------------------------------------
 # Registration: opcheck and torch.compile
 # ----------------------------------------------------------------------------------------------
-def _op_args(multi, requires_grad=True):
+def _op_args(multi, requires_grad=True, device="cpu"):
+    """Arguments of a device op (the level form): one level without alpha, or two with it."""
     case = Case(B=2, H=2, Nq=5, D=8, shapes=[(2, 3), (1, 2)] if multi else [(3, 4)], multi=multi, mask="random")
-    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), torch.float32, "cpu")
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), torch.float32, device)
     for name in ("q", "k", "v", "centers", "precision", "alpha"):
         if t.get(name) is not None:
             t[name].requires_grad_(requires_grad)
+    coords = (t["centers"], t["precision"]) if multi else (t["centers"].unsqueeze(3), t["precision"].unsqueeze(3))
     flat = [n for shape in case.shapes for n in shape]
-    if multi:
-        return (t["q"], t["k"], t["v"], t["centers"], t["precision"], t["alpha"], flat, t["mask"], 0.3, 0.0, 0, "cpu")
-    return (t["q"], t["k"], t["v"], t["centers"], t["precision"], flat, t["mask"], 0.3, 0.0, 0, "cpu")
+    return (t["q"], t["k"], t["v"], *coords, t.get("alpha"), flat, t["mask"], 0.3, 0.0, 0)
+
+
+# the device ops of each kernel backend: the C++ pair (CPU here) and the Triton pair
+DEVICE_OPS = {
+    "cpu": ("_coattention_forward", "_coattention_backward"),
+    "triton": ("_triton_coattention_forward", "_triton_coattention_backward"),
+}
 
 
 @pytest.mark.parametrize("multi", [False, True])
-def test_opcheck(multi):
-    name = "scale_selective_coattention" if multi else "gaussian_coattention"
-    args = _op_args(multi)
-    torch.library.opcheck(getattr(torch.ops.smca, name).default, args)
-    # The backward op, on the forward's saved outputs.
-    no_grad_args = _op_args(multi, requires_grad=False)
-    outputs = getattr(torch.ops.smca, name)(*no_grad_args)
-    grad_out = torch.randn_like(outputs[0])
-    tensors = no_grad_args[:6] if multi else no_grad_args[:5]
-    saved = outputs[1:] if multi else outputs
-    rest = no_grad_args[6:] if multi else no_grad_args[5:]
-    torch.library.opcheck(getattr(torch.ops.smca, name + "_backward").default, (grad_out, *tensors, *saved, *rest))
+@pytest.mark.parametrize("backend", sorted(DEVICE_OPS))
+def test_opcheck(multi, backend):
+    if backend not in sk.available_backends(TRITON_DEVICE if backend == "triton" else "cpu"):
+        pytest.skip(f"backend {backend!r} is not available here")
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    forward, backward = (getattr(torch.ops.smca, name).default for name in DEVICE_OPS[backend])
+    torch.library.opcheck(forward, _op_args(multi, device=device))
+    # The backward op, on the forward's saved outputs (out as the one level's output without alpha).
+    args = _op_args(multi, requires_grad=False, device=device)
+    out, out_levels, lse = forward(*args)
+    saved = (out_levels if multi else out.unsqueeze(3), lse)
+    torch.library.opcheck(backward, (torch.randn_like(out), *args[:6], *saved, *args[6:]))
 
 
 @pytest.mark.parametrize("multi", [False, True])
 def test_op_autograd_matches_the_public_function(multi):
-    """The public functions differentiate through an autograd.Function around the op (less host
-    time); a direct op call through the op's registered autograd. Both give the same gradients."""
+    """The public functions differentiate through an autograd.Function around the device op (less
+    host time); a direct op call through the op's registered autograd. Both give the same gradients."""
     args = _op_args(multi)
     tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    if multi:
-        calls = (torch.ops.smca.scale_selective_coattention, sk.ops._ScaleSelectiveFunction.apply)
-    else:
-        calls = (torch.ops.smca.gaussian_coattention, sk.ops._GaussianFunction.apply)
+    forward = torch.ops.smca._coattention_forward.default
     results = []
-    for call_op in calls:
+    for call_op in (forward, lambda *a: sk.ops._Coattention.apply(forward, *a)):
         out = call_op(*args)[0]
         results.append((out, torch.autograd.grad(out, tensors, torch.ones_like(out))))
     assert torch.equal(results[0][0], results[1][0])
@@ -473,24 +477,26 @@ def _triton_args(**changes):
 
 
 BAD_TRITON = [
-    (dict(q=torch.randn(2, 3, 8)), r"q: expected \(B, H, Nq, D\)"),
-    (dict(k=torch.randn(1, 2, 10, 4)), r"k: expected \(B, H, L, D\) = \(1, 2, L, 8\)"),
+    (dict(q=torch.randn(2, 3, 8)), r"q: expected 4 dims \(B, H, N, D\)"),
+    (dict(k=torch.randn(1, 2, 10, 4)), r"k: expected shape \(B, H, L, D\) = \(1, 2, L, 8\)"),
     (dict(v=torch.randn(1, 2, 9, 8)), r"v: expected the shape of k"),
-    (dict(q=torch.randn(1, 2, 3, 8, dtype=torch.float64)), r"q: the Triton backend takes float32, float16 or bfloat16"),
+    (dict(q=torch.randn(1, 2, 3, 8).double(), k=torch.randn(1, 2, 10, 8).double(), v=torch.randn(1, 2, 10, 8).double()),
+     r"q: the 'triton' kernel takes \(torch.float32, torch.float16, torch.bfloat16\), got torch.float64"),
     (dict(v=torch.randn(1, 2, 10, 8).half()), r"q, k, v: expected one dtype"),
-    (dict(q=torch.randn(1, 2, 3, 256), k=torch.randn(1, 2, 10, 256), v=torch.randn(1, 2, 10, 256)), r"head dims 1\.\.128, got 256"),
+    (dict(q=torch.randn(1, 2, 3, 256), k=torch.randn(1, 2, 10, 256), v=torch.randn(1, 2, 10, 256)),
+     r"q: the 'triton' kernel takes head dims 1\.\.128, got 256"),
     (dict(spatial_shapes=[2, 3, 2]), r"spatial_shapes: expected \[H0, W0, H1, W1, \.\.\.\]"),
-    (dict(spatial_shapes=[2, 5, 0, 2]), r"spatial_shapes: expected positive sizes"),
-    (dict(spatial_shapes=[2, 3, 1, 2]), r"k: expected L = 8 keys"),
-    (dict(centers=torch.rand(1, 2, 3, 2)), r"centers: expected \(B, H, Nq, S, 2\) = \(1, 2, 3, 2, 2\)"),
-    (dict(precision=torch.rand(1, 2, 3, 2, 2).double()), r"precision: expected dtype float32"),
-    (dict(alpha=torch.rand(1, 2, 3, 1)), r"alpha: expected \(B, H, Nq, S\) = \(1, 2, 3, 2\)"),
-    (dict(alpha=torch.rand(1, 2, 3, 2).half()), r"alpha: expected dtype float32"),
-    (dict(alpha=None), r"alpha: required with 2 levels"),
-    (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), r"key_padding_mask: expected \(B, L\) = \(1, 10\)"),
-    (dict(key_padding_mask=torch.zeros(1, 10)), r"key_padding_mask: expected dtype bool"),
-    (dict(v=torch.randn(1, 2, 10, 8, device="meta")), r"v: expected device"),
-    (dict(dropout_p=1.0), r"dropout_p: expected 0 <= p < 1"),
+    (dict(spatial_shapes=[2, 5, 0, 2]), r"spatial_shapes: expected one or more positive \(Hf, Wf\) pairs"),
+    (dict(spatial_shapes=[2, 3, 1, 2]), r"spatial_shapes: \[\(2, 3\), \(1, 2\)\] cover 8 keys, but k and v have L = 10"),
+    (dict(centers=torch.rand(1, 2, 3, 2)), r"centers: expected shape \(B, H, Nq, S, 2\) = \(1, 2, 3, 2, 2\)"),
+    (dict(precision=torch.rand(1, 2, 3, 2, 2).double()), r"precision: expected dtype torch.float32 \(for q of torch.float32\)"),
+    (dict(alpha=torch.rand(1, 2, 3, 1)), r"alpha: expected shape \(B, H, Nq, S\) = \(1, 2, 3, 2\)"),
+    (dict(alpha=torch.rand(1, 2, 3, 2).half()), r"alpha: expected dtype torch.float32"),
+    (dict(alpha=None), r"alpha: required to mix 2 levels"),
+    (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), r"key_padding_mask: expected shape \(B, L\) = \(1, 10\)"),
+    (dict(key_padding_mask=torch.zeros(1, 10)), r"key_padding_mask: expected dtype torch.bool"),
+    (dict(v=torch.randn(1, 2, 10, 8, device="meta")), r"q, k, v: expected one device"),
+    (dict(dropout_p=1.0), r"dropout_p: expected 0 <= dropout_p < 1"),
 ]
 
 
@@ -503,12 +509,12 @@ def test_triton_kernels_check_their_input(changes, message):
     a = _triton_args(**changes)
     args = (a["q"], a["k"], a["v"], a["centers"], a["precision"], a["alpha"])
     rest = (a["spatial_shapes"], a["key_padding_mask"], 0.5, a["dropout_p"], 0)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         coattention_forward(*args, *rest)
     good = _triton_args()
     out, out_levels, lse = coattention_forward(*(good[n] for n in ("q", "k", "v", "centers", "precision", "alpha")),
                                                good["spatial_shapes"], good["key_padding_mask"], 0.5, 0.0, 0)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         coattention_backward(torch.ones_like(out), *args, out_levels, lse, *rest)
 
 
@@ -523,14 +529,13 @@ def test_triton_backward_checks_the_saved_tensors():
                          (dict(out_levels=out_levels.half()), r"out_levels: expected shape .* dtype torch.float32"),
                          (dict(lse=lse[..., :1]), r"lse: expected shape \(1, 2, 3, 2\)")):
         saved = {"grad_out": torch.ones_like(out), "out_levels": out_levels, "lse": lse, **bad}
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(ValueError, match=message):
             coattention_backward(saved["grad_out"], *args, saved["out_levels"], saved["lse"], *rest)
 
 
-def test_op_called_with_an_unusable_backend(monkeypatch):
+def test_triton_op_without_the_interpreter_on_cpu(monkeypatch):
+    """The Triton ops are public: called on CPU tensors without TRITON_INTERPRET=1 they say so."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = _op_args(multi=False, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu tensors: .*TRITON_INTERPRET=1"):
-        torch.ops.smca.gaussian_coattention(*args[:-1], "triton")
-    with pytest.raises(ValueError, match=r"backend: the smca ops take 'cpu', 'cuda' or 'triton', got 'reference'"):
-        torch.ops.smca.gaussian_coattention(*args[:-1], "reference")
+        torch.ops.smca._triton_coattention_forward(*args)

@@ -356,7 +356,7 @@ def coattention_backward(
                                   ("out_levels", out_levels, (B, H, Nq, S, D), q.dtype),
                                   ("lse", lse, (B, H, Nq, S), torch.float32)):
         if t.shape != shape or t.dtype != dtype or t.device != q.device:
-            raise RuntimeError(f"{name}: expected shape {shape}, dtype {dtype}, device {q.device}; "
+            raise ValueError(f"{name}: expected shape {shape}, dtype {dtype}, device {q.device}; "
                                f"got {tuple(t.shape)}, {t.dtype}, {t.device}")
     grad_out, q, k, v, centers, precision, out_levels, lse = (
         t.contiguous() for t in (grad_out, q, k, v, centers, precision, out_levels, lse))

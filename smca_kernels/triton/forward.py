@@ -1,4 +1,4 @@
-"""Fused forward of the co-attention (SPEC 1.1 and 1.2) in one launch over all levels.
+"""Fused forward of the co-attention (docs/operators.md; design: docs/kernels.md, Forward) in one launch over all levels.
 
 A program owns BLOCK_M query rows of one (batch, head) and walks the levels one after another;
 for each level it streams the level's keys in BLOCK_N tiles with an online softmax (a running
