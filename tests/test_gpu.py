@@ -4,8 +4,8 @@ dropout against the C++ CPU kernel's; what backend="auto" does with inputs they 
 
 A kernel's error against the float64 reference must be at most twice the error of the reference
 itself computed in the kernel's dtype, with 1e-5 relative as the floor (helpers.TOLERANCE). The
-small odd cases and every Triton autotuning config are in test_ops.py, which runs them on the GPU
-too. Skipped without a GPU; `bash .ci/gpu` runs them.
+small odd cases are in test_ops.py and every Triton autotuning config in test_triton.py, which
+run them on the GPU too. Skipped without a GPU; `bash .ci/gpu` runs them.
 """
 import zlib
 

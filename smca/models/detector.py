@@ -1,6 +1,6 @@
 """SMCADETR: backbone -> projection -> encoder -> SMCA decoder -> class and box heads."""
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F

@@ -95,6 +95,33 @@ def dropout_keep(seed, rows, keys, L, dropout_p):
     return tl.rand(seed, offset) >= dropout_p
 
 
+@triton.jit
+def score_tile(q, k_ptr, v_ptr, mask_ptr, start, local, hi, width, offs_d, d_ok,
+               cx, cy, px, py, qk_scale, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One key tile of a level against a query tile, as the forward and the dq pass see it.
+
+    q (BLOCK_M, BLOCK_D); local (BLOCK_N,) key indices within the level, those >= hi past its
+    end (or this split's share); start: the level's first key; cx .. py (BLOCK_M,) the rows'
+    Gaussians. Returns k, v (BLOCK_N, BLOCK_D) tiles, keys (global indices), key_ok (the keys
+    in range and unmasked), dx, dy (BLOCK_M, BLOCK_N) offsets from the centres in cells, and
+    the base-2 scores scale q k^T log2(e) + logG log2(e), -inf at keys not ok.
+    """
+    key_ok = local < hi
+    keys = start + local
+    kv_offs = keys[:, None] * HEAD_DIM + offs_d[None, :]
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+    dx = (local % width).to(tl.float32)[None, :] - cx[:, None]
+    dy = (local // width).to(tl.float32)[None, :] - cy[:, None]
+    scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+              + log_prior(dx, dy, px[:, None], py[:, None]) * LOG2E)
+    key_ok = valid_keys(mask_ptr, keys, key_ok, HAS_MASK)
+    scores = tl.where(key_ok[None, :], scores, float("-inf"))
+    return k, v, keys, key_ok, dx, dy, scores
+
+
 @functools.lru_cache(maxsize=128)
 def _level_table(spatial_shapes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     rows, start = [], 0
