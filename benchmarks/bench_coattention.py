@@ -4,10 +4,11 @@ Run:  python benchmarks/bench_coattention.py [--device cpu|cuda] [--dtype bfloat
           [--shapes 25x38 50x76 50x76+25x38+13x19] [--providers naive flex smca ...]
           [--modes fwd fwd_bwd] [--repeats N] [--warmup N] [--padding-mask] [--quick] [--out DIR]
 
-A shape "HxW" is a Gaussian co-attention case (SPEC 1.1); "H0xW0+H1xW1+..." a scale-selective
-case (SPEC 1.2) over those levels. Defaults are SPEC 4: batch 2, 8 heads, 300 queries, head dim
-32, 25x38 and 50x76 (Gaussian), 50x76+25x38+13x19 = 4997 keys (scale-selective); float32 on CPU,
-bfloat16 on CUDA. Without --padding-mask no key padding mask is used (the default).
+A shape "HxW" is a Gaussian co-attention case; "H0xW0+H1xW1+..." a scale-selective case over
+those levels (docs/operators.md). Defaults are the shapes of docs/kernels.md, Benchmark shapes:
+batch 2, 8 heads, 300 queries, head dim 32, 25x38 and 50x76 (Gaussian), 50x76+25x38+13x19 = 4997
+keys (scale-selective); float32 on CPU, bfloat16 on CUDA. Without --padding-mask no key padding
+mask is used (the default).
 
 Providers (one setup function each; all get the same inputs and compute the same function,
 except the floor):
@@ -16,7 +17,8 @@ except the floor):
   sdpa_mask    F.scaled_dot_product_attention with the materialised float bias (logG, -inf at
                padded keys) as attn_mask; the bias is built from centers/precision in the call,
                so the gradient reaches them (on CUDA: the memory-efficient backend).
-  sdpa_folded  the bias is rank 4 once the per-query constant is dropped (SPEC 1.1):
+  sdpa_folded  the bias is rank 4 once the per-query constant is dropped (docs/operators.md,
+               The rank-4 bias):
                q' = [scale q, -px^2, 2 px^2 cx, -py^2, 2 py^2 cy], k' = [k, x^2, x, y^2, y];
                q', k' and v zero-padded to a multiple of 8 (32 + 4 -> 40) so that SDPA keeps its
                fast path, SDPA with scale=1, output sliced back to D. A padding mask can only be
@@ -75,13 +77,11 @@ coattention_cpu_<smca-cpu ISA level>_<dtype>.csv / .png, in --out (runs/bench by
 a partial run does not replace the committed tables: make bench writes those, to benchmarks/results).
 """
 import argparse
-import csv
 import dataclasses
 import gc
 import itertools
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -91,6 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common import cpu_description, device_name, write_csv  # this folder: the scripts' shared helpers
 from smca_kernels import available_backends, gaussian_coattention, reference, scale_selective_coattention
 
 Shape = Tuple[int, int]
@@ -515,50 +516,6 @@ def print_table(rows: List[dict]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if models:
-            return models[0]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_description(threads: int) -> dict:
-    """What the CPU figures depend on: the CPU model and its vector ISA, the ISA level smca's
-    C++ kernels run at (csrc/cpu/isa.h, SMCA_CPU_ISA), ATen's and the libraries' (ATEN_CPU_CAPABILITY,
-    ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), and the float32 FMA peak of `threads` threads at
-    the kernels' level: measured (a loop of independent FMAs, so at the clock the cores really
-    run) and nominal (threads x the clock /proc/cpuinfo states x 2 FMA units x lanes x 2 flops)."""
-    flags, mhz = set(), None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-                elif key.strip() == "cpu MHz" and mhz is None:
-                    mhz = float(value)
-    except OSError:
-        pass
-    isa = ("avx512" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags
-           else "neon" if platform.machine() in ("aarch64", "arm64") else platform.machine())
-    info = dict(cpu=device_name(torch.device("cpu")), cpu_isa=isa, aten_capability=torch.backends.cpu.get_cpu_capability(),
-                onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-                mkl_enable_instructions=os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
-                smca_cpu_isa=torch.ops.smca._cpu_isa(),
-                fma_peak_gflops=round(max(torch.ops.smca._cpu_fma_peak_gflops() for _ in range(3)), 1),
-                nominal_peak_gflops=None)
-    if mhz:
-        lanes = {"avx512": 16, "avx2": 8}.get(info["smca_cpu_isa"], 4)
-        info["nominal_peak_gflops"] = round(threads * mhz / 1e3 * 2 * lanes * 2, 1)
-    return info
-
-
 def print_triton_choices() -> None:
     """The tile configuration Triton's autotuner chose for each kernel and tuning key, so that a
     GPU run shows which of the candidates matter (keys: size buckets, flags, dtypes)."""
@@ -570,15 +527,6 @@ def print_triton_choices() -> None:
         for key, config in kernel.cache.items():
             tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
             print(f"  {name:8s} {tile}  key {key}")
-
-
-def write_csv(path: Path, rows: List[dict], meta: dict) -> None:
-    keys = list(meta) + [key for key, _, _ in COLUMNS]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **{k: "" if row.get(k) is None else row[k] for k in keys if k in row}})
 
 
 def plot(path: Path, rows: List[dict], title: str) -> None:
@@ -732,7 +680,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     level = f"_{meta['smca_cpu_isa']}" if device.type == "cpu" else ""
     stem = args.out / f"coattention_{device.type}{level}_{args.dtype}{'_quick' if args.quick else ''}"
-    write_csv(stem.with_suffix(".csv"), rows, meta)
+    write_csv(stem.with_suffix(".csv"), rows, [key for key, _, _ in COLUMNS], meta)
     isa = f", kernels {meta['smca_cpu_isa']}, ATen {meta['aten_capability']}" if device.type == "cpu" else ""
     title = (f"smca co-attention, {meta['device']} ({device.type}{isa}), {args.dtype}, "
              f"H {args.heads}, Nq {args.queries}, D {args.dim}")

@@ -15,7 +15,6 @@ table and appends to benchmarks/results/train_step.csv.
 """
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -23,6 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from common import write_csv  # this folder: the scripts' shared helpers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "train_step.csv")
@@ -56,13 +57,13 @@ def child(args: argparse.Namespace) -> None:
     """Measure one backend in this process; print one JSON line."""
     import torch
 
-    from bench_coattention import device_name  # this folder: the script's own
-    from smca import PRESETS, Config
+    from common import device_name  # this folder: the scripts' shared helpers
+    from smca.config import Config, preset_values
     from smca.models import build_model
     from smca_kernels import available_backends
 
     device = torch.device(args.device)
-    cfg = Config(**{**PRESETS[args.preset], "num_classes": 7, "attention_backend": args.backend, "device": args.device})
+    cfg = Config(**{**preset_values(args.preset), "num_classes": 7, "attention_backend": args.backend, "device": args.device})
     torch.manual_seed(0)
     model, criterion, _ = build_model(cfg)
     model.to(device).train()
@@ -197,12 +198,7 @@ def main() -> None:
         name = f"{r['backend']} ({r['resolved_backend']})" if r["backend"] == "auto" else r["backend"]
         print(f"{name:<20} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {r['peak_mem_mib']:>10.1f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    new_file = not os.path.exists(args.output)
-    with open(args.output, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.output, rows, FIELDS, append=True)
     print(f"appended {len(rows)} rows to {args.output}")
 
 

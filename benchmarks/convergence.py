@@ -182,14 +182,14 @@ def attention_in_box(checkpoint: str, image_dir: str, num_images: int = 48, top:
     import torch
 
     from smca.data.image import read_image
-    from smca.predict import load_model
+    from smca.predict import attention_maps, load_model
 
     model, _, _ = load_model(checkpoint)
     queries = range(model.query_embed.num_embeddings)
     shares = []
     for name in sorted(os.listdir(image_dir))[:num_images]:
         image = read_image(os.path.join(image_dir, name))
-        maps = model.attention_maps([image], queries)
+        maps = attention_maps(model, [image], queries)
         height, width = maps["image_sizes"][0].tolist()  # the resized image inside the padded input
         rows, cols = maps["feature_size"]
         # Cell centres in the original image's pixels.

@@ -1,18 +1,16 @@
 // Schemas of the smca operators: one TORCH_LIBRARY for the whole namespace.
 //
-// Public ops (what torch.compile / torch.export see). Their kernels are registered from Python
-// (smca_kernels/ops.py), which routes on `backend` to a device kernel below:
-//   gaussian_coattention(_backward)          one feature map
-//   scale_selective_coattention(_backward)   several levels mixed by alpha
-//
-// Device kernels, one implementation per dispatch key (csrc/cpu, csrc/cuda). Both public ops
-// lower onto them: a Gaussian co-attention is a one-level co-attention without alpha.
+// The co-attention's device kernels, one implementation per dispatch key (csrc/cpu, csrc/cuda):
 //   _coattention_forward, _coattention_backward
+// Their fake (shape) functions and autograd formula are registered from Python
+// (smca_kernels/ops.py), which also registers the Triton kernels as ops of the same form
+// (_triton_coattention_forward/_backward). The public functions (gaussian_coattention,
+// scale_selective_coattention, SMCAAttention) reach these ops through smca_kernels.ops.coattention.
 //
-// Shapes: q (B,H,Nq,D); k, v (B,H,L,D); centers, precision (B,H,Nq,S,2) for the device kernels
-// ((B,H,Nq,2) for the Gaussian public op); alpha (B,H,Nq,S); spatial_shapes [H0,W0,H1,W1,...];
-// key_padding_mask (B,L) bool, True = ignore; lse (B,H,Nq,S), +inf where a level's keys are all
-// masked; out_levels (B,H,Nq,S,D) the unmixed per-level outputs.
+// Shapes: q (B,H,Nq,D); k, v (B,H,L,D); centers, precision (B,H,Nq,S,2); alpha (B,H,Nq,S) or
+// None for one level; spatial_shapes [H0,W0,H1,W1,...]; key_padding_mask (B,L) bool, True =
+// ignore; lse (B,H,Nq,S), +inf where a level's keys are all masked; out_levels (B,H,Nq,S,D) the
+// unmixed per-level outputs (docs/operators.md).
 #include <torch/library.h>
 
 #include <string>
@@ -42,28 +40,6 @@ std::vector<std::string> cpu_isas() {
 TORCH_LIBRARY(smca, m) {
   // The fake (shape) and autograd registrations live in this Python module.
   m.set_python_module("smca_kernels.ops");
-  m.def(
-      "gaussian_coattention(Tensor q, Tensor k, Tensor v, Tensor centers, Tensor precision, "
-      "int[] spatial_shape, Tensor? key_padding_mask, float scale, float dropout_p, int seed, "
-      "str backend) -> (Tensor out, Tensor lse)");
-  m.def(
-      "gaussian_coattention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor centers, Tensor precision, Tensor out, Tensor lse, int[] spatial_shape, "
-      "Tensor? key_padding_mask, float scale, float dropout_p, int seed, str backend) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_centers, "
-      "Tensor grad_precision)");
-  m.def(
-      "scale_selective_coattention(Tensor q, Tensor k, Tensor v, Tensor centers, "
-      "Tensor precision, Tensor alpha, int[] spatial_shapes, Tensor? key_padding_mask, "
-      "float scale, float dropout_p, int seed, str backend) "
-      "-> (Tensor out, Tensor out_levels, Tensor lse)");
-  m.def(
-      "scale_selective_coattention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor centers, Tensor precision, Tensor alpha, Tensor out_levels, Tensor lse, "
-      "int[] spatial_shapes, Tensor? key_padding_mask, float scale, float dropout_p, int seed, "
-      "str backend) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_centers, "
-      "Tensor grad_precision, Tensor grad_alpha)");
-
   // Device kernels. With alpha None (one level): out is the level's output and out_levels is
   // an empty tensor; the backward then takes out.unsqueeze(3) as out_levels and returns an
   // empty grad_alpha.

@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .config import fields_of
+
 __all__ = [
     "CheckpointError",
     "ARCHITECTURE_FIELDS",
@@ -43,53 +45,12 @@ __all__ = [
 ]
 
 FORMAT = "smca-checkpoint-1"
-# Config fields that change the weights' shapes or what the weights compute: a checkpoint
-# must agree with the run on all of them.
-ARCHITECTURE_FIELDS = (
-    "model",
-    "backbone",
-    "backbone_norm",
-    "hidden_dim",
-    "nheads",
-    "num_queries",
-    "enc_layers",
-    "dec_layers",
-    "dim_feedforward",
-    "num_classes",
-    "modulation",
-    "dynamic_scale",
-    "beta",
-    "classifier",
-)
-
-# Config fields that a resumed run may change (each applies from its first epoch on); the
-# others are architecture (ARCHITECTURE_FIELDS), where and how the run executes, or epochs
-# (the run's length, which a resume usually extends).
-TRAINING_FIELDS = (
-    "dropout",
-    "aux_loss",
-    "focal_alpha",
-    "focal_gamma",
-    "eos_coef",
-    "cls_loss_coef",
-    "bbox_loss_coef",
-    "giou_loss_coef",
-    "set_cost_class",
-    "set_cost_bbox",
-    "set_cost_giou",
-    "topk",
-    "lr",
-    "lr_backbone",
-    "weight_decay",
-    "lr_drop",
-    "batch_size",
-    "clip_max_norm",
-    "seed",
-    "amp",
-    "max_size",
-    "min_sizes",
-    "eval_size",
-)
+# Config fields a checkpoint must agree on with a run (they shape the weights or what they
+# compute), and those a resumed run may change (each applies from its first epoch on): the
+# fields' kinds in smca.config. The others are where and how the run executes, or epochs (the
+# run's length, which a resume usually extends).
+ARCHITECTURE_FIELDS = fields_of("architecture")
+TRAINING_FIELDS = fields_of("training") + fields_of("loss")
 
 
 class CheckpointError(RuntimeError):

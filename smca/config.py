@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["Config", "PRESETS", "lr_drop_for"]
+__all__ = ["Config", "PRESETS", "SCHEDULES", "preset_values", "fields_of", "lr_drop_for"]
 
 MODELS = ("smca", "smca_ms", "detr")
 BACKBONES = ("resnet50", "resnet18")
@@ -16,6 +16,25 @@ MODULATIONS = ("multi_head", "head_shared")
 DYNAMIC_SCALES = ("type1", "type2", "type3")
 CLASSIFIERS = ("focal", "softmax")
 AMP_MODES = ("off", "bf16", "fp16")
+
+
+# What a field is to a checkpoint (dataclasses field metadata "kind"): "architecture" fields
+# shape the weights or what they compute, so a checkpoint and a run must agree on them;
+# "loss" fields (the loss and matching weights) and "training" fields are a run's own, which a
+# resumed run may change (smca.checkpoint). The rest say where and how a run executes.
+def _kind(kind: str):
+    def make(default):
+        return field(default=default, metadata={"kind": kind})
+
+    return make
+
+
+ARCHITECTURE, LOSS, TRAINING = _kind("architecture"), _kind("loss"), _kind("training")
+
+
+def fields_of(kind: str) -> Tuple[str, ...]:
+    """Names of the Config fields of one kind ("architecture", "loss" or "training"), in order."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("kind") == kind)
 
 
 def _default_device() -> str:
@@ -39,7 +58,7 @@ class Config:
         modulation: "multi_head" (a centre offset and scale per head) or "head_shared".
         dynamic_scale: the Gaussian's scale, named as the paper's code (`--dynamic_scale`) names
             it: "type1" a constant 1; "type2" one predicted scale per head, the same on both
-            axes; "type3" one per head and axis (the paper's SMCA, Sec. 3.2, Eq. 4).
+            axes; "type3" one per head and axis (the paper's SMCA, Sec. 3.2).
         beta: bandwidth of the Gaussian prior (the paper's code: `--smooth`); precision =
             scale / sqrt(beta).
         attention_backend: the smca_kernels backend of every cross-attention.
@@ -47,8 +66,11 @@ class Config:
             "no-object" class) or "softmax" (DETR: num_classes + 1 logits, the last one
             "no object", cross-entropy with that class weighted eos_coef).
         num_classes: object classes; category ids of the data must be < num_classes (COCO: 91).
+            None: from the data (its largest category id + 1) or the checkpoint resumed.
     Loss and matching: focal_* (sigmoid focal loss), eos_coef (softmax classifier),
         *_loss_coef, set_cost_* (matcher), topk (detections kept per image).
+    Run: coco_path, output_dir, resume (a checkpoint to continue), finetune (a checkpoint whose
+        weights start a new run), eval, tensorboard, progress (a progress bar); see smca.train.
     Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; images are resized to a
         shorter side in min_sizes (training) or eval_size (evaluation, predict), longer side at
         most max_size; as in DETR the cap wins, so max_size alone shrinks every image
@@ -56,55 +78,58 @@ class Config:
     """
 
     # model
-    model: str = "smca"
-    backbone: str = "resnet50"
+    model: str = ARCHITECTURE("smca")
+    backbone: str = ARCHITECTURE("resnet50")
     backbone_weights: Optional[str] = None
-    backbone_norm: str = "frozen"
-    hidden_dim: int = 256
-    nheads: int = 8
-    num_queries: int = 300
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    num_classes: int = 91
-    modulation: str = "multi_head"
-    dynamic_scale: str = "type3"
-    beta: float = 8.0
+    backbone_norm: str = ARCHITECTURE("frozen")
+    hidden_dim: int = ARCHITECTURE(256)
+    nheads: int = ARCHITECTURE(8)
+    num_queries: int = ARCHITECTURE(300)
+    enc_layers: int = ARCHITECTURE(6)
+    dec_layers: int = ARCHITECTURE(6)
+    dim_feedforward: int = ARCHITECTURE(2048)
+    dropout: float = TRAINING(0.1)
+    num_classes: Optional[int] = ARCHITECTURE(None)
+    modulation: str = ARCHITECTURE("multi_head")
+    dynamic_scale: str = ARCHITECTURE("type3")
+    beta: float = ARCHITECTURE(8.0)
     attention_backend: str = "auto"
-    aux_loss: bool = True
-    classifier: str = "focal"
+    aux_loss: bool = TRAINING(True)
+    classifier: str = ARCHITECTURE("focal")
     # loss and matching
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    eos_coef: float = 0.1
-    cls_loss_coef: float = 2.0
-    bbox_loss_coef: float = 5.0
-    giou_loss_coef: float = 2.0
-    set_cost_class: float = 2.0
-    set_cost_bbox: float = 5.0
-    set_cost_giou: float = 2.0
-    topk: int = 300
+    focal_alpha: float = LOSS(0.25)
+    focal_gamma: float = LOSS(2.0)
+    eos_coef: float = LOSS(0.1)
+    cls_loss_coef: float = LOSS(2.0)
+    bbox_loss_coef: float = LOSS(5.0)
+    giou_loss_coef: float = LOSS(2.0)
+    set_cost_class: float = LOSS(2.0)
+    set_cost_bbox: float = LOSS(5.0)
+    set_cost_giou: float = LOSS(2.0)
+    topk: int = LOSS(300)
     # training
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    weight_decay: float = 1e-4
+    lr: float = TRAINING(1e-4)
+    lr_backbone: float = TRAINING(1e-5)
+    weight_decay: float = TRAINING(1e-4)
     epochs: int = 50
-    lr_drop: int = 40
-    batch_size: int = 2
-    clip_max_norm: float = 0.1
-    seed: int = 42
+    lr_drop: int = TRAINING(40)
+    batch_size: int = TRAINING(2)
+    clip_max_norm: float = TRAINING(0.1)
+    seed: int = TRAINING(42)
     num_workers: int = 2
     device: str = field(default_factory=_default_device)
-    amp: str = "off"
+    amp: str = TRAINING("off")
     # data
-    max_size: int = 1333
-    min_sizes: Tuple[int, ...] = tuple(range(480, 801, 32))
-    eval_size: int = 800
+    max_size: int = TRAINING(1333)
+    min_sizes: Tuple[int, ...] = TRAINING(tuple(range(480, 801, 32)))
+    eval_size: int = TRAINING(800)
     coco_path: Optional[str] = None
     output_dir: Optional[str] = None
     resume: Optional[str] = None
+    finetune: Optional[str] = None
     eval: bool = False
+    tensorboard: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         self.min_sizes = tuple(int(s) for s in self.min_sizes)
@@ -135,8 +160,14 @@ class Config:
                 raise ValueError(f"{name}: expected sizes in pixels >= 1, got {shown}")
         if self.lr_backbone <= 0 and self.backbone_norm != "frozen":
             raise ValueError("lr_backbone <= 0 freezes the backbone, which needs backbone_norm 'frozen'")
-        if self.dec_layers < 1 or self.num_queries < 1 or self.num_classes < 1:
+        if self.dec_layers < 1 or self.num_queries < 1 or (self.num_classes is not None and self.num_classes < 1):
             raise ValueError("dec_layers, num_queries and num_classes must be >= 1")
+        if self.resume and self.finetune:
+            raise ValueError("resume and finetune: give one (continue a run, or start one from a checkpoint's weights)")
+        from smca_kernels.ops import BACKENDS  # imported here so that `import smca` stays light
+
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend: expected one of {BACKENDS}, got {self.attention_backend!r}")
         if not 0 < self.eos_coef <= 1:
             raise ValueError(f"eos_coef: expected a weight in (0, 1], got {self.eos_coef}")
 
@@ -161,8 +192,11 @@ def lr_drop_for(epochs: int) -> int:
     return max(1, round(0.8 * epochs))
 
 
-# Overrides of the defaults. The paper's settings (SPEC section 2), DETR as published, and a tiny
-# CPU-friendly demo (num_classes is left to the data set: the training CLI sets it).
+# Model presets (architecture, classifier, loss weights) and training schedules (optimiser,
+# length, image sizes) are kept apart, as detrex keeps model and schedule configs: a preset
+# names the schedule it was published with (PRESET_SCHEDULES), which --schedule replaces.
+# Both override Config's defaults, which are the SMCA paper's single-scale R50 and its 50-epoch
+# schedule; num_classes is left to the data set (the training CLI sets it).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "smca_r50": {"model": "smca", "backbone": "resnet50", "modulation": "multi_head"},
     "smca_shared_r50": {"model": "smca", "backbone": "resnet50", "modulation": "head_shared"},
@@ -171,7 +205,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # with the Gaussian off, so that only the modulation differs.
     "detr_r50": {"model": "detr", "backbone": "resnet50"},
     # DETR as published (Carion et al., ECCV 2020; facebookresearch/detr main.py, the 42.0 AP
-    # R50 model of 500 epochs): softmax classifier with a no-object class, 100 queries.
+    # R50 model): softmax classifier with a no-object class, 100 queries, its loss weights.
     "detr_r50_published": {
         "model": "detr",
         "backbone": "resnet50",
@@ -181,9 +215,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eos_coef": 0.1,
         "cls_loss_coef": 1.0,
         "set_cost_class": 1.0,
-        "epochs": 500,
-        "lr_drop": 400,
     },
+    # The small model of `make demo` and the convergence study.
     "demo": {
         "model": "smca",
         "backbone": "resnet18",
@@ -195,6 +228,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dim_feedforward": 256,
         "dropout": 0.0,
         "topk": 100,
+    },
+}
+
+SCHEDULES: Dict[str, Dict[str, Any]] = {
+    # The SMCA paper's: AdamW 1e-4 (backbone 1e-5), 50 epochs, lr x0.1 after 40, DETR's sizes.
+    "smca_50ep": {},
+    # DETR's published 500 epochs, lr x0.1 after 400.
+    "detr_500ep": {"epochs": 500, "lr_drop": 400},
+    "demo": {
         # Meant for a backbone pretrained on the data (--backbone_weights; smca.pretrain_backbone
         # makes one), kept frozen as DETR's lr_backbone 0 does: every step then trains the
         # transformer, at a rate for its small width.
@@ -209,3 +251,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eval_size": 128,
     },
 }
+
+# The schedule each preset was published with (default: smca_50ep).
+PRESET_SCHEDULES = {"detr_r50_published": "detr_500ep", "demo": "demo"}
+
+
+def preset_values(preset: Optional[str] = None, schedule: Optional[str] = None) -> Dict[str, Any]:
+    """Config overrides of a model preset and a schedule (default: the preset's own, see
+    PRESET_SCHEDULES; smca_50ep without a preset). Raises ValueError naming an unknown name."""
+    for name, value, table in (("preset", preset, PRESETS), ("schedule", schedule, SCHEDULES)):
+        if value is not None and value not in table:
+            raise ValueError(f"{name}: expected one of {sorted(table)}, got {value!r}")
+    schedule = schedule or PRESET_SCHEDULES.get(preset, "smca_50ep")
+    return {**(PRESETS[preset] if preset else {}), **SCHEDULES[schedule]}

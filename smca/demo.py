@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from . import train
-from .config import PRESETS, Config, lr_drop_for
+from .config import Config, lr_drop_for, preset_values
 from .data.synthetic import make_dataset
 from .engine import COCO_STAT_NAMES
 from .predict import load_model, predict_files
@@ -53,7 +53,7 @@ def shapes_backbone(work_dir: str, data: str, steps: int, device: str, num_worke
         print(f"using the pretrained backbone {backbone}")
     else:
         print(f"pretraining the backbone on {data} for {steps} steps")
-        values = dict(PRESETS["demo"], coco_path=data, device=device, num_workers=num_workers, seed=seed)
+        values = dict(preset_values("demo"), coco_path=data, device=device, num_workers=num_workers, seed=seed)
         pretrain_backbone(Config(**values), backbone, steps)
     return backbone
 

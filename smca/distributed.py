@@ -1,4 +1,4 @@
-"""Multi-process training with torchrun: set-up, ranks, and reductions.
+"""Multi-process training with torchrun: set-up, ranks, reductions, and seeding.
 
 torchrun (`torchrun --nproc_per_node N -m smca.train ...`, or with --nnodes and a rendezvous
 for several machines) starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE.
@@ -6,9 +6,11 @@ Without them everything here is a no-op, so single-process code needs no special
 """
 
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,6 +24,7 @@ __all__ = [
     "all_reduce_mean",
     "all_gather_object",
     "barrier",
+    "seed_everything",
 ]
 
 
@@ -100,3 +103,11 @@ def all_gather_object(obj: Any) -> List[Any]:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (every generator training draws from); each process passes
+    its own seed (the run's seed + rank)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,4 +1,6 @@
-"""Detections on image files with a trained checkpoint.
+"""Inference on raw images (prepare_images, predict, attention_maps: functions of a model
+built by smca.models.build_model) and its command line, detections on image files with a
+trained checkpoint:
 
     python -m smca.predict --checkpoint OUT/checkpoint.pth --images a.png b.jpg --output_dir PRED \\
         [--threshold 0.5] [--max_detections N] [--attention_queries [Q ...]]
@@ -12,21 +14,153 @@ highest-scoring ones) its box, Gaussian prior and cross-attention over the image
 import argparse
 import json
 import os
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
+from torchvision.transforms.v2 import functional as TF
+
+from smca_kernels.reference import gaussian_log_prior
 
 from .checkpoint import CheckpointError, load_checkpoint, restore
 from .config import Config
 from .data.image import ImageError, read_image
+from .data.transforms import resized_size
+from .models.postprocess import class_probabilities
+from .utils import boxes_to_pixels, normalize, pad_images, unpadded_sizes
 from .visualize import draw_detections, plot_attention
 
-__all__ = ["ImageError", "load_model", "predict_files", "main"]
+if TYPE_CHECKING:
+    from .models import SMCADETR
+
+__all__ = ["ImageError", "prepare_images", "predict", "attention_maps", "load_model", "predict_files", "main"]
+
+Images = Union[Tensor, Sequence[Tensor]]
 
 PROG = "smca.predict"
 DEFAULT_ATTENTION_QUERIES = 4
+
+
+def _resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
+    """(B, K, h, w) -> (B, K, *size), bilinear; unchanged when already that size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def prepare_images(model: "SMCADETR", images: Images) -> Tuple[Tensor, Tensor, Tensor]:
+    """Raw images -> model input at the evaluation size.
+
+    Args:
+        images: a list of (3, H_b, W_b) tensors or a (B, 3, H, W) batch, float in [0, 1]
+            or uint8.
+    Returns:
+        batch (B, 3, Hm, Wm) normalised and padded, pixel_mask (B, Hm, Wm),
+        original_sizes (B, 2) (h, w) of the inputs.
+    """
+    if isinstance(images, Tensor):
+        images = [images] if images.dim() == 3 else list(images.unbind(0))
+    device = model.query_embed.weight.device
+    resized, sizes = [], []
+    for image in images:
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"images: expected (3, H, W) tensors, got shape {tuple(image.shape)}")
+        image = image.to(device)
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        sizes.append(image.shape[-2:])
+        # the size evaluation resizes to (the cap may win over eval_size)
+        image = TF.resize(image, list(resized_size(*sizes[-1], model.eval_size, model.max_size)), antialias=True)
+        resized.append(normalize(image))
+    batch, pixel_mask = pad_images(resized)
+    return batch, pixel_mask, torch.as_tensor([list(s) for s in sizes], device=device)
+
+
+@torch.no_grad()
+def _run_eval(model: "SMCADETR", images: Images, attention_layer: Optional[int] = None) -> Tuple[Dict, Tensor, Tensor]:
+    """Runs the model in eval mode (restoring the mode after) -> (outputs, pixel_mask, original_sizes)."""
+    batch, pixel_mask, sizes = prepare_images(model, images)
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(batch, pixel_mask, attention_layer)
+    finally:
+        model.train(was_training)
+    return outputs, pixel_mask, sizes
+
+
+@torch.no_grad()
+def predict(model: "SMCADETR", images: Images, threshold: float = 0.5) -> List[Dict[str, Tensor]]:
+    """Detections on raw images; no targets needed.
+
+    Args:
+        images: see prepare_images (any sizes; resized to the evaluation size internally).
+        threshold: keep detections whose score exceeds it.
+    Returns:
+        one dict per image: boxes (K, 4) absolute xyxy in the input image's pixels,
+        labels (K,) int64, scores (K,), by decreasing score.
+    """
+    outputs, _, sizes = _run_eval(model, images)
+    results = model.postprocess(outputs, sizes)
+    return [{k: v[r["scores"] > threshold] for k, v in r.items()} for r in results]
+
+
+@torch.no_grad()
+def attention_maps(model: "SMCADETR", images: Images, query_indices: Sequence[int], layer: int = -1) -> Dict:
+    """Gaussian prior and cross-attention of chosen queries over the feature map, for pictures.
+
+    With several levels the maps of the coarser levels are resized onto the finest level's
+    grid: the attention keeps its mass (it sums to 1 over all levels), the prior is the
+    alpha-weighted mixture of the levels' priors.
+
+    Args:
+        images: see prepare_images.
+        query_indices: K query indices.
+        layer: decoder layer (negative counts from the last).
+    Returns:
+        attention (B, K, Hf, Wf) head-averaged cross-attention weights;
+        prior (B, K, Hf, Wf) head-averaged Gaussian weights exp(logG) in [0, 1] (None for DETR);
+        feature_size (Hf, Wf) and stride: cell (x, y) covers pixels [stride x, stride (x + 1))
+            of the padded input of size padded_size (Hm, Wm);
+        image_sizes (B, 2) (h, w) of each resized image in that input (the rest is padding);
+        boxes (B, K, 4) the queries' boxes in the original images' pixels (xyxy);
+        scores (B, K) their top class probability, labels (B, K) that class.
+    """
+    outputs, pixel_mask, sizes = _run_eval(model, images, attention_layer=layer)
+    att = outputs["attention"]
+    index = torch.as_tensor(list(query_indices), dtype=torch.long, device=pixel_mask.device)
+    shapes = att["spatial_shapes"]
+    height, width = shapes[0]
+    weights = att["weights"][:, index]  # (B, K, L)
+
+    attention, prior = [], []
+    for level, (w_level, (h, w)) in enumerate(zip(weights.split([h * w for h, w in shapes], dim=-1), shapes)):
+        w_level = w_level.unflatten(-1, (h, w))  # (B, K, h, w)
+        # a coarse level's cell spreads its weight over the finer cells it covers
+        attention.append(_resize(w_level, (height, width)) * (h * w) / (height * width))
+        if att["centers"] is not None:
+            log_prior = gaussian_log_prior(
+                att["centers"][:, :, index, level], att["precision"][:, :, index, level], (h, w)
+            )  # (B, H or 1, K, h * w)
+            level_prior = log_prior.exp().mean(1).unflatten(-1, (h, w))
+            if att["alpha"] is not None:
+                level_prior = level_prior * att["alpha"][:, 0, index, level, None, None]
+            prior.append(_resize(level_prior, (height, width)))
+
+    scores, labels = class_probabilities(outputs["pred_logits"][:, index], model.classifier).max(-1)
+    return {
+        "attention": torch.stack(attention).sum(0),
+        "prior": torch.stack(prior).sum(0) if prior else None,
+        "feature_size": (height, width),
+        "stride": model.decoder.strides[0],
+        "padded_size": tuple(pixel_mask.shape[-2:]),
+        "image_sizes": unpadded_sizes(pixel_mask).long(),
+        "boxes": boxes_to_pixels(outputs["pred_boxes"][:, index], sizes),
+        "scores": scores,
+        "labels": labels,
+    }
 
 
 def load_model(checkpoint: str, device: str = "cpu", attention_backend: Optional[str] = None):
@@ -71,7 +205,7 @@ def predict_files(
     for path, name in zip(images, _output_names(images)):
         image = read_image(path)
         pixels = image.to(device).float() / 255.0
-        result = model.predict([pixels], threshold=threshold)[0]  # sorted by decreasing score
+        result = predict(model, [pixels], threshold=threshold)[0]  # sorted by decreasing score
         result = {k: v[:max_detections] for k, v in result.items()}
         result["boxes"] = clip_boxes_to_image(result["boxes"], image.shape[-2:])
         report["images"].append(
@@ -97,9 +231,9 @@ def predict_files(
         if attention_queries is not None:
             queries = attention_queries
             if not queries:
-                everyone = model.attention_maps([pixels], range(model.query_embed.num_embeddings), attention_layer)
+                everyone = attention_maps(model, [pixels], range(model.query_embed.num_embeddings), attention_layer)
                 queries = everyone["scores"][0].topk(DEFAULT_ATTENTION_QUERIES).indices.tolist()
-            maps = model.attention_maps([pixels], queries, attention_layer)
+            maps = attention_maps(model, [pixels], queries, attention_layer)
             fig = plot_attention(image, maps, queries, categories=categories)
             fig.savefig(os.path.join(output_dir, f"{name}_attention.png"), dpi=100)
     with open(os.path.join(output_dir, "detections.json"), "w") as f:

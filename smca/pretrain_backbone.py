@@ -29,8 +29,8 @@ from torchvision.ops import box_convert
 from .checkpoint import save_atomically
 from .config import BACKBONES, Config
 from .data import DatasetError, build_dataloader, build_dataset
+from .distributed import seed_everything
 from .models.backbone import CHANNELS, STRIDES
-from .train import seed_everything
 
 __all__ = ["cell_labels", "pretrain_backbone", "main"]
 

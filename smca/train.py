@@ -9,8 +9,9 @@
     python -m smca.train --finetune smca_r50.pth --coco_path MYDATA --output_dir OUT --epochs 12 \\
         --lr 1e-4 --lr_drop 8                       # a new run from a checkpoint's weights
 
-DETR's arguments, plus --model, --attention_backend, --amp, --max_size, --finetune and --preset
-(a named set of defaults from smca.config.PRESETS that explicit flags override). num_classes
+DETR's arguments, plus --model, --attention_backend, --amp, --max_size, --finetune, --preset (a
+model from smca.config.PRESETS) and --schedule (a training schedule from smca.config.SCHEDULES;
+default: the preset's own); explicit flags override both. num_classes
 defaults to the data's largest category id + 1. --max_size caps the longer image side over
 --min_sizes and --eval_size, as DETR's resize does (a note says when it overrides them).
 
@@ -44,12 +45,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from typing import Dict, List, Optional, Set
 
-import numpy as np
 import torch
 from smca_kernels.ops import BACKENDS
 
@@ -74,15 +73,17 @@ from .config import (
     MODELS,
     MODULATIONS,
     PRESETS,
+    SCHEDULES,
     Config,
+    fields_of,
+    preset_values,
 )
 from .data import DatasetError, build_dataloader, build_dataset
 from .data.transforms import capped_sizes_note
-from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
+from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process, seed_everything
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
 
-__all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport",
-           "seed_everything", "main"]
+__all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport", "main"]
 
 PROG = "smca-train"
 
@@ -90,7 +91,13 @@ PROG = "smca-train"
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(PROG, description="Train or evaluate SMCA-DETR on a COCO-layout data set.")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="named defaults (smca.config.PRESETS); flags override them"
+        "--preset", choices=sorted(PRESETS), help="a model (smca.config.PRESETS); flags override it"
+    )
+    p.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        help="a training schedule: lr, epochs, batch and image sizes (smca.config.SCHEDULES; default: the "
+        "preset's own, PRESET_SCHEDULES, else smca_50ep); flags override it",
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODELS)
@@ -178,13 +185,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard"
     )
-    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def _chosen_values(args: argparse.Namespace) -> Dict:
     """The preset's values, overridden by every flag that was given: the Config fields the user chose."""
-    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values = preset_values(args.preset, args.schedule)
     # Every Config field that has a flag; a flag left out (None) keeps the preset's value.
     for field in dataclasses.fields(Config):
         if getattr(args, field.name, None) is not None:
@@ -201,13 +208,6 @@ def chosen_fields(args: argparse.Namespace) -> Set[str]:
     """Names of the Config fields set by a flag or by --preset; the others are Config's defaults,
     which a checkpoint's architecture fields replace (_take_architecture)."""
     return set(_chosen_values(args))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random (every generator training draws from)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _set_num_classes(cfg: Config, given: Optional[str], categories: Dict[int, str]) -> None:
@@ -231,18 +231,7 @@ def _checkpoint_config(state: Dict, flag: str, path: str) -> Config:
 
 # The loss and matching settings: a fine-tuning run keeps the checkpoint's recipe for them (a
 # converted DETR checkpoint: DETR's weights 1/5/2 and eos_coef) unless a flag or preset sets them.
-LOSS_FIELDS = (
-    "focal_alpha",
-    "focal_gamma",
-    "eos_coef",
-    "cls_loss_coef",
-    "bbox_loss_coef",
-    "giou_loss_coef",
-    "set_cost_class",
-    "set_cost_bbox",
-    "set_cost_giou",
-    "topk",
-)
+LOSS_FIELDS = fields_of("loss")
 
 
 def _take_architecture(
@@ -439,8 +428,14 @@ def _error_text(err: Exception) -> str:
     return text
 
 
-def run(cfg: Config, args: argparse.Namespace) -> None:
-    """Everything main does after parsing; raises DatasetError, CheckpointError or NonFiniteLossError."""
+def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
+    """Train or evaluate as cfg says: everything main does after parsing.
+
+    chosen: the Config fields the user set (main: by flag, --preset or --schedule); with a
+    checkpoint (resume, finetune) the architecture fields not among them are the checkpoint's.
+    None: every field that is not None (num_classes None: from the data, or the checkpoint
+    resumed). Raises DatasetError, CheckpointError or NonFiniteLossError.
+    """
     from .models import build_model  # the model stack is heavy; `--help` should not wait for it
 
     dist_info = init_distributed(cfg.device)
@@ -455,8 +450,9 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     note = capped_sizes_note((cfg.eval_size,) + (() if cfg.eval else cfg.min_sizes), cfg.max_size)
     if note and main_process:
         print(f"{PROG}: note: {note}", file=sys.stderr)
-    chosen = chosen_fields(args)
-    num_classes_from = "--num_classes" if "num_classes" in chosen else None
+    if chosen is None:
+        chosen = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is not None}
+    num_classes_from = "--num_classes" if cfg.num_classes is not None and "num_classes" in chosen else None
     state = finetune = None
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
@@ -470,8 +466,8 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         saved = _checkpoint_config(state, "--resume", cfg.resume)
         cfg = _take_architecture(cfg, chosen, saved, "--resume", cfg.resume)
         num_classes_from = num_classes_from or "the checkpoint's num_classes"
-    elif args.finetune:
-        finetune = args.finetune
+    elif cfg.finetune:
+        finetune = cfg.finetune
         state = load_checkpoint(finetune)
         saved = _checkpoint_config(state, "--finetune", finetune)
         # num_classes is the data's (or --num_classes), as for any new run.
@@ -523,7 +519,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     loader_val = build_dataloader(
         dataset_val, cfg.batch_size, cfg.num_workers, train=False, distributed=dist_info.distributed
     )
-    progress = not args.no_progress
+    progress = cfg.progress
     output_dir = cfg.output_dir if cfg.output_dir and main_process else None
 
     if cfg.eval:
@@ -590,7 +586,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         _trim_log(log_path, start_epoch)
         with open(os.path.join(output_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-        if args.tensorboard:
+        if cfg.tensorboard:
             tensorboard = _TensorBoard(output_dir)
     if main_process:
         todo = (
@@ -685,7 +681,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
     try:
-        run(cfg, args)
+        run(cfg, chosen_fields(args))
     except (DatasetError, CheckpointError) as err:
         parser.exit(2, f"{PROG}: error: {_error_text(err)}\n")
     except NonFiniteLossError as err:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import BACKENDS, gaussian_coattention, scale_selective_coattention
+from .checks import check_coattention, coordinate_dtype, normalise_shapes
+from .ops import BACKENDS, coattention
 
 __all__ = ["SMCAAttention"]
 
@@ -201,7 +202,7 @@ class SMCAAttention(nn.MultiheadAttention):
             spatial_shapes = (1, key.shape[1 if self.batch_first else 0])
         if (centers is None) != (precision is None):
             raise ValueError("centers and precision: give both (SMCA) or neither (plain attention)")
-        shapes = _as_level_list(spatial_shapes)
+        shapes = normalise_shapes(_as_level_list(spatial_shapes))
         w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
         q = self._heads(query, w_q, b_q)
         k = self._heads(key, w_k, b_k)
@@ -211,28 +212,21 @@ class SMCAAttention(nn.MultiheadAttention):
         centers = self._expand_coordinates(centers, "centers", batch, queries, levels, q)
         precision = self._expand_coordinates(precision, "precision", batch, queries, levels, q)
         dropout_p = self.dropout if self.training else 0.0
-        if alpha is None:
-            if levels != 1:
-                raise ValueError(f"alpha: required to mix {levels} levels (spatial_shapes {shapes})")
-            out = gaussian_coattention(
-                q, k, v, centers[:, :, :, 0], precision[:, :, :, 0], shapes[0], key_padding_mask,
-                dropout_p=dropout_p, backend=self.backend,
-            )
-        else:
+        if alpha is not None:
             if alpha.dim() != 4 or alpha.shape[1] not in (1, self.num_heads):
                 raise ValueError(f"alpha: expected (B, H or 1, Nq, S), got {tuple(alpha.shape)}")
             alpha = alpha.expand(batch, self.num_heads, queries, alpha.shape[-1])
-            out = scale_selective_coattention(
-                q, k, v, centers, precision, alpha, shapes, key_padding_mask,
-                dropout_p=dropout_p, backend=self.backend,
-            )
+        check_coattention(q, k, v, centers, precision, alpha, shapes, key_padding_mask, dropout_p)
+        out = coattention(
+            q, k, v, centers, precision, alpha, shapes, key_padding_mask, dropout_p=dropout_p, backend=self.backend
+        )
         out = out.transpose(1, 2).reshape(batch, queries, self.embed_dim)  # (B, Nq, E)
         out = self.out_proj(out if self.batch_first else out.transpose(0, 1))
         if not batched:
             out = out.squeeze(batch_dim)
         weights = None
         if need_weights:
-            coord_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            coord_dtype = coordinate_dtype(q.dtype)
             weights = reference.attention_weights(
                 q, k, centers.to(coord_dtype), precision.to(coord_dtype), shapes, key_padding_mask,
                 alpha=alpha,

@@ -2,7 +2,7 @@
 
 It materialises the (B, H, Nq, L) scores and the Gaussian log-prior, so it is slow and
 memory-hungry, but plainly correct, differentiable by autograd and usable in float64.
-See SPEC section 1 for the math.
+The math: docs/operators.md.
 
 Shapes:
     q (B, H, Nq, D); k, v (B, H, L, D); key_padding_mask (B, L) bool, True = ignore.
@@ -104,8 +104,9 @@ def gaussian_coattention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Gaussian-modulated co-attention (SPEC 1.1): softmax(scale q k^T + logG) v -> (B, H, Nq, D).
+    """Gaussian-modulated co-attention: softmax(scale q k^T + logG) v -> (B, H, Nq, D).
 
+    docs/operators.md, Gaussian-modulated co-attention.
     centers, precision (B, H, Nq, 2); spatial_shape (Hf, Wf) with Hf * Wf = L.
     Dropout with probability dropout_p is applied to the weights whenever dropout_p > 0.
     """
@@ -131,8 +132,9 @@ def scale_selective_coattention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Scale-selective co-attention (SPEC 1.2): sum_s alpha_s softmax_{level s}(S) v -> (B, H, Nq, D).
+    """Scale-selective co-attention: sum_s alpha_s softmax_{level s}(S) v -> (B, H, Nq, D).
 
+    docs/operators.md, Scale-selective co-attention.
     centers, precision (B, H, Nq, S, 2) in each level's grid units; alpha (B, H, Nq, S).
     """
     weights = attention_weights(

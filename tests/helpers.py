@@ -10,10 +10,10 @@ import torch
 # problem itself is ill-conditioned in that dtype (a centre far outside the map makes logG
 # ~ -1e3, whose float32 rounding alone moves the softmax by ~1e-5), the reference computed in
 # the same dtype shows it, and a kernel may err by up to twice what the reference errs.
-# 16-bit inputs are judged by that rule alone (SPEC: at most 2x the 16-bit reference's error),
-# with the float32 tolerance as a floor: the kernels accumulate in float32, and where the 16-bit
-# reference happens to be exact (one key: the softmax is exactly 1 and dS exactly 0) a float32
-# rounding (~1e-7) must not fail them.
+# 16-bit inputs are judged by that rule alone (at most 2x the 16-bit reference's error;
+# docs/kernels.md, Testing), with the float32 tolerance as a floor: the kernels accumulate in
+# float32, and where the 16-bit reference happens to be exact (one key: the softmax is exactly 1
+# and dS exactly 0) a float32 rounding (~1e-7) must not fail them.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 
 # Where the tests run the Triton kernels: the GPU when there is one, else CPU tensors through

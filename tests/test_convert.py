@@ -15,7 +15,7 @@ import torch
 from smca.checkpoint import load_checkpoint
 from smca.convert import ConversionError, convert, main
 from smca.models import build_model
-from smca.predict import load_model
+from smca.predict import load_model, predict, prepare_images
 
 from reference_checkpoints import main_py_args, reference_state_dict, save_main_py_checkpoint
 
@@ -79,9 +79,9 @@ def test_detr_round_trip_and_softmax_scores(tmp_path):
     assert torch.equal(model.state_dict()["class_embed.weight"], ref["class_embed.weight"])  # all 21 rows
     images = [torch.rand(3, 70, 90), torch.rand(3, 50, 40)]
     with torch.no_grad():
-        batch, mask, _ = model.prepare_images(images)
+        batch, mask, _ = prepare_images(model, images)
         logits = model(batch, mask)["pred_logits"]
-    detections = model.predict(images, threshold=0.0)
+    detections = predict(model, images, threshold=0.0)
     for b, det in enumerate(detections):
         # DETR's scores: per query the best class of softmax over classes + "no object", the
         # no-object column excluded; one detection per query
@@ -228,7 +228,7 @@ def test_converted_model_predicts_at_every_backend(tmp_path):
     for backend in ("reference", "auto"):
         model, _, _ = load_model(out, attention_backend=backend)
         with torch.no_grad():
-            batch, mask, _ = model.prepare_images([image])
+            batch, mask, _ = prepare_images(model, [image])
             results[backend] = model(batch, mask)
     for key in ("pred_logits", "pred_boxes"):
         ref = results["reference"][key]

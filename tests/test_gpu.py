@@ -1,11 +1,11 @@
-"""The GPU kernels (C++/CUDA and Triton) against the reference at the SPEC section 4 shapes, with
-and without splits of the key axis; their attention dropout against the C++ CPU kernel's; what
-backend="auto" does with inputs they do not take.
+"""The GPU kernels (C++/CUDA and Triton) against the reference at the benchmark shapes
+(docs/kernels.md, Benchmark shapes), with and without splits of the key axis; their attention
+dropout against the C++ CPU kernel's; what backend="auto" does with inputs they do not take.
 
 A kernel's error against the float64 reference must be at most twice the error of the reference
 itself computed in the kernel's dtype, with 1e-5 relative as the floor (helpers.TOLERANCE). The
-small odd cases and every Triton autotuning config are in test_ops.py, which runs them on the GPU
-too. Skipped without a GPU; `bash .ci/gpu` runs them.
+small odd cases are in test_ops.py and every Triton autotuning config in test_triton.py, which
+run them on the GPU too. Skipped without a GPU; `bash .ci/gpu` runs them.
 """
 import zlib
 
@@ -57,8 +57,8 @@ def test_gpu_matches_reference(backend, dtype, case):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", CASES[:2] + CASES[5:6], ids=str)
 def test_gpu_dropout_matches_cpu(backend, case):
-    """Attention dropout at the SPEC shapes (key splits included): the same mask as the C++ CPU
-    kernel for one seed, forward and every gradient."""
+    """Attention dropout at the benchmark shapes (key splits included): the same mask as the C++
+    CPU kernel for one seed, forward and every gradient."""
     if backend not in _backends():
         pytest.fail(f"backend {backend} is not available on this GPU machine: {sk.available_backends('cuda')}")
     check_dropout_against_cpu(sk, case, backend, "cuda", dropout_p=0.1)

@@ -8,10 +8,11 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 import smca_kernels
-from smca.config import PRESETS, Config
+from smca.config import PRESETS, SCHEDULES, Config, preset_values
 from smca.models import build_model
 from smca.models.postprocess import PostProcess
-from smca.models.utils import pad_images, unpadded_sizes
+from smca.predict import attention_maps, predict
+from smca.utils import pad_images, unpadded_sizes
 
 VARIANTS = [("smca", "multi_head"), ("smca", "head_shared"), ("smca_ms", "multi_head"), ("smca_ms", "head_shared"), ("detr", "multi_head")]
 
@@ -246,7 +247,7 @@ def test_softmax_classifier_model():
     assert model.class_embed.weight.grad.abs().sum() > 0
     detections = postprocess(out, torch.tensor([[64, 64], [96, 80]]))
     assert all(len(d["labels"]) == cfg.num_queries and (d["labels"] < cfg.num_classes).all() for d in detections)
-    assert Config(**PRESETS["detr_r50_published"]).classifier == "softmax"
+    assert Config(**preset_values("detr_r50_published")).classifier == "softmax"
 
 
 def test_float64_model_keeps_float64_coordinates():
@@ -290,7 +291,7 @@ def test_predict_returns_boxes_in_input_pixels():
     _constant_prediction(model, torch.logit(torch.tensor([0.5, 0.5, 0.5, 0.5])))
     model.train()
     images = [torch.rand(3, 40, 100), (torch.rand(3, 30, 30) * 255).to(torch.uint8)]
-    results = model.predict(images, threshold=0.5)
+    results = predict(model, images, threshold=0.5)
     assert model.training  # mode restored
     assert len(results) == 2
     for result, (h, w) in zip(results, [(40, 100), (30, 30)]):
@@ -298,7 +299,7 @@ def test_predict_returns_boxes_in_input_pixels():
         assert (result["labels"] == 0).all() and (result["scores"] > 0.99).all()
         expected = torch.tensor([w / 4, h / 4, 3 * w / 4, 3 * h / 4])
         torch.testing.assert_close(result["boxes"], expected.expand_as(result["boxes"]))
-    batch_results = model.predict(torch.rand(2, 3, 40, 100), threshold=0.999)
+    batch_results = predict(model, torch.rand(2, 3, 40, 100), threshold=0.999)
     assert [len(r["boxes"]) for r in batch_results] == [0, 0]
 
 
@@ -307,7 +308,7 @@ def test_attention_maps(variant):
     torch.manual_seed(0)
     model, _, _ = build_model(tiny_config(model=variant, eval_size=96, max_size=128))
     images = [torch.rand(3, 96, 128), torch.rand(3, 64, 96)]
-    maps = model.attention_maps(images, query_indices=[0, 3, 7], layer=-1)
+    maps = attention_maps(model, images, query_indices=[0, 3, 7], layer=-1)
     height, width = maps["feature_size"]
     stride = 16 if variant == "smca_ms" else 32
     assert maps["stride"] == stride and maps["padded_size"] == (96, 128)
@@ -365,9 +366,28 @@ def test_config_round_trip_and_checks():
         Config(model="yolo")
     with pytest.raises(ValueError, match="nheads"):
         Config(hidden_dim=100, nheads=8)
-    for name, preset in PRESETS.items():
-        Config(**preset)
-    assert Config(**PRESETS["smca_ms_r50"]).enc_layers == 5
+    for name in PRESETS:
+        for schedule in (None, *SCHEDULES):
+            Config(**preset_values(name, schedule))
+    assert Config(**preset_values("smca_ms_r50")).enc_layers == 5
+    # a preset brings the schedule it was published with, unless another is named
+    assert (Config(**preset_values("detr_r50_published")).epochs, Config(**preset_values("demo")).lr) == (500, 1e-3)
+    assert Config(**preset_values("demo", "smca_50ep")).lr == 1e-4
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        preset_values("demo", "fast")
+    with pytest.raises(ValueError, match="attention_backend: expected one of"):
+        Config(attention_backend="fastest")
+
+
+def test_field_kinds_name_what_checkpoints_compare():
+    """The fields a checkpoint must agree on (architecture) and those a resume may change come
+    from the Config fields' metadata: every field of the model's shape is among the former."""
+    from smca.checkpoint import ARCHITECTURE_FIELDS, TRAINING_FIELDS
+
+    assert {"model", "hidden_dim", "num_queries", "num_classes", "dynamic_scale", "classifier"} <= set(ARCHITECTURE_FIELDS)
+    assert {"lr", "lr_drop", "eos_coef", "cls_loss_coef", "max_size"} <= set(TRAINING_FIELDS)
+    assert not set(ARCHITECTURE_FIELDS) & set(TRAINING_FIELDS)
+    assert "attention_backend" not in ARCHITECTURE_FIELDS + TRAINING_FIELDS  # any backend runs any checkpoint
 
 
 def test_checkpoint_config_from_before_new_fields():

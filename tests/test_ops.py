@@ -2,18 +2,15 @@
 registration (opcheck, torch.compile) and bad input.
 
 The C++ CPU kernel runs always; the Triton kernels run on the GPU when there is one, else on CPU
-tensors through the interpreter (small shapes: it is slow); the SPEC-sized GPU cases are in
-test_gpu.py.
+tensors through the interpreter (small shapes: it is slow); the GPU cases at the benchmark shapes
+(docs/kernels.md, Benchmark shapes) are in test_gpu.py.
 """
-import functools
 import zlib
 
 import pytest
 import torch
 
 import smca_kernels as sk
-from smca_kernels.triton import backward as triton_backward
-from smca_kernels.triton import forward as triton_forward
 from helpers import (
     TOLERANCE, TRITON_DEVICE, Case, assert_within_reference_error, call, check_dropout_against_cpu,
     cpu_isa_params, device_kernel_results, grads, leaves, make_inputs, reference_results, relative_error,
@@ -73,115 +70,6 @@ def test_matches_reference(backend, isa, case, dtype, monkeypatch):
             assert actual_g[name][1].abs().max() == 0, name
 
 
-def _triton_kernels(num_splits: int):
-    """The Triton device kernels with `num_splits` key splits, for device_kernel_results."""
-    from smca_kernels.triton import coattention_backward, coattention_forward
-
-    return (functools.partial(coattention_forward, num_splits=num_splits),
-            functools.partial(coattention_backward, num_splits=num_splits))
-
-
-def _check_triton_kernels(case: Case, num_splits: int, seed: int, dtype: torch.dtype = torch.float32) -> None:
-    """The Triton device kernels called directly with `num_splits` against the float64 reference,
-    forward and every gradient, on TRITON_DEVICE in `dtype` (the 2x rule of
-    assert_within_reference_error)."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = make_inputs(case, generator)
-    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
-    exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, dtype, "cpu")
-
-    t = leaves(inputs, dtype, TRITON_DEVICE)
-    out, g, lse = device_kernel_results(*_triton_kernels(num_splits), case, t, grad_out)
-    assert out.dtype == dtype and lse.shape == (case.B, case.H, case.Nq, len(case.shapes))
-    assert_within_reference_error(dtype, out, g, exact, exact_g, ref, ref_g)
-
-
-def _split_case(multi: bool) -> Case:
-    if multi:
-        return Case(Nq=9, D=16, shapes=[(5, 7), (3, 4), (1, 1)], multi=True, mask="empty_level")
-    return Case(Nq=9, D=16, shapes=[(6, 7)], mask="random")
-
-
-@pytest.mark.parametrize("multi", [False, True])
-def test_triton_split_keys(multi):
-    """The key axis split over programs (num_splits > 1, the GPU path for few queries) against
-    the reference, forward and every gradient of the device kernels, in every dtype (the combine
-    step rounds once, at the end); with dropout, the split kernels drop what the unsplit ones drop."""
-    case = _split_case(multi)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        _check_triton_kernels(case, num_splits=3, seed=7, dtype=dtype)
-
-    generator = torch.Generator().manual_seed(10)
-    t = leaves(make_inputs(case, generator), torch.float32, TRITON_DEVICE)
-    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, generator=generator)
-    (whole, whole_g, whole_lse), (split, split_g, split_lse) = (
-        device_kernel_results(*_triton_kernels(n), case, t, grad_out, dropout_p=0.3, seed=1234) for n in (1, 3))
-    assert relative_error(split, whole) <= TOLERANCE[torch.float32], "out with dropout"
-    finite = whole_lse.isfinite()  # +inf for empty levels
-    assert torch.equal(finite, split_lse.isfinite())
-    assert relative_error(split_lse[finite], whole_lse[finite]) <= TOLERANCE[torch.float32], "lse with dropout"
-    for name, value in whole_g.items():
-        assert relative_error(split_g[name], value) <= TOLERANCE[torch.float32], f"grad of {name} with dropout"
-
-
-@pytest.mark.parametrize("index", range(max(len(triton_forward.FORWARD_TILES), len(triton_backward.DKDV_TILES),
-                                            len(triton_backward.DQ_TILES))))
-def test_triton_every_tuning_config(index, monkeypatch):
-    """On a GPU the autotuner may pick any of its tile configurations for a shape, so each must be
-    right: config `index` of every kernel (modulo its count) is forced, the multi-level case runs
-    with one and with two key splits. Under the interpreter this checks the GPU tile sizes' masking
-    (the interpreter ignores warps and stages)."""
-    import triton
-    from smca_kernels.triton._common import config
-
-    for kernel, tiles in ((triton_forward._forward_kernel, triton_forward.FORWARD_TILES),
-                          (triton_backward._dkdv_kernel, triton_backward.DKDV_TILES),
-                          (triton_backward._dq_kernel, triton_backward.DQ_TILES)):
-        monkeypatch.setattr(kernel, "configs", [config(tiles[index % len(tiles)])])
-    try:
-        _check_triton_kernels(_split_case(multi=False), num_splits=1, seed=8)
-        for num_splits in (1, 2):
-            _check_triton_kernels(_split_case(multi=True), num_splits=num_splits, seed=9)
-    except triton.runtime.errors.OutOfResources as error:  # the autotuner would skip it too
-        pytest.skip(f"config {index} does not fit this GPU: {error}")
-
-
-@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the Triton interpreter's arithmetic")
-def test_interpreter_bfloat16_arithmetic_is_the_gpus():
-    """smca_kernels.triton.interpreter_fixes: under the interpreter a bfloat16 tl.dot is the
-    float32 product of the operands and a float32 -> bfloat16 cast rounds to nearest even, bit for
-    bit as torch does (ties, subnormals, inf and NaN included)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def cast_and_dot(x_ptr, y_ptr, a_ptr, b_ptr, c_ptr, n, BLOCK: tl.constexpr, M: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n)
-        tl.store(y_ptr + offs, x.to(tl.bfloat16), mask=offs < n)
-        tile = tl.arange(0, M)[:, None] * M + tl.arange(0, M)[None, :]
-        tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile).to(tl.bfloat16)))
-
-    generator = torch.Generator().manual_seed(0)
-    ulp = 2.0**-8  # of a bfloat16 in [1, 2)
-    x = torch.cat([
-        torch.randn(900, generator=generator),
-        torch.randn(50, generator=generator) * 1e-39,  # float32 and bfloat16 subnormals
-        torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 3.3961e38, 1e-45, -0.0,
-                      float("inf"), -float("inf"), float("nan")]),  # ties to even, overflow
-    ])
-    y = torch.empty(x.shape, dtype=torch.bfloat16)
-    a = torch.randn(16, 16, generator=generator).bfloat16()
-    b = torch.randn(16, 16, generator=generator)
-    c = torch.empty(16, 16)
-    cast_and_dot[(1,)](x, y, a, b, c, x.numel(), BLOCK=1024, M=16)
-
-    expected = x.bfloat16()
-    assert torch.equal(y.isnan(), expected.isnan())
-    assert torch.equal(y[~y.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
-    torch.testing.assert_close(c, a.float() @ b.bfloat16().float(), rtol=1e-6, atol=1e-5)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 @pytest.mark.parametrize("multi", [False, True])
 @pytest.mark.parametrize("empty", ["no_queries", "no_batch"])
@@ -211,8 +99,8 @@ def test_gradcheck_gaussian_cpu(dropout_p, mask):
     t = leaves(make_inputs(case, torch.Generator().manual_seed(0)), torch.float64, "cpu")
 
     def fn(q, k, v, centers, precision):  # a fixed seed: the backward must redraw the same mask
-        return torch.ops.smca.gaussian_coattention(
-            q, k, v, centers, precision, [2, 3], t["mask"], 0.5, dropout_p, 1234, "cpu"
+        return torch.ops.smca._coattention_forward(
+            q, k, v, centers.unsqueeze(3), precision.unsqueeze(3), None, [2, 3], t["mask"], 0.5, dropout_p, 1234
         )[0]
 
     _cpu_gradcheck(fn, (t["q"], t["k"], t["v"], t["centers"], t["precision"]))
@@ -224,8 +112,8 @@ def test_gradcheck_scale_selective_cpu(dropout_p):
     t = leaves(make_inputs(case, torch.Generator().manual_seed(1)), torch.float64, "cpu")
 
     def fn(q, k, v, centers, precision, alpha):
-        return torch.ops.smca.scale_selective_coattention(
-            q, k, v, centers, precision, alpha, [2, 2, 1, 2], t["mask"], 0.5, dropout_p, 99, "cpu"
+        return torch.ops.smca._coattention_forward(
+            q, k, v, centers, precision, alpha, [2, 2, 1, 2], t["mask"], 0.5, dropout_p, 99
         )[0]
 
     _cpu_gradcheck(fn, (t["q"], t["k"], t["v"], t["centers"], t["precision"], t["alpha"]))
@@ -282,45 +170,49 @@ def test_dropout_matches_cpu(backend, multi):
 # ----------------------------------------------------------------------------------------------
 # Registration: opcheck and torch.compile
 # ----------------------------------------------------------------------------------------------
-def _op_args(multi, requires_grad=True):
+def _op_args(multi, requires_grad=True, device="cpu"):
+    """Arguments of a device op (the level form): one level without alpha, or two with it."""
     case = Case(B=2, H=2, Nq=5, D=8, shapes=[(2, 3), (1, 2)] if multi else [(3, 4)], multi=multi, mask="random")
-    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), torch.float32, "cpu")
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), torch.float32, device)
     for name in ("q", "k", "v", "centers", "precision", "alpha"):
         if t.get(name) is not None:
             t[name].requires_grad_(requires_grad)
+    coords = (t["centers"], t["precision"]) if multi else (t["centers"].unsqueeze(3), t["precision"].unsqueeze(3))
     flat = [n for shape in case.shapes for n in shape]
-    if multi:
-        return (t["q"], t["k"], t["v"], t["centers"], t["precision"], t["alpha"], flat, t["mask"], 0.3, 0.0, 0, "cpu")
-    return (t["q"], t["k"], t["v"], t["centers"], t["precision"], flat, t["mask"], 0.3, 0.0, 0, "cpu")
+    return (t["q"], t["k"], t["v"], *coords, t.get("alpha"), flat, t["mask"], 0.3, 0.0, 0)
+
+
+# the device ops of each kernel backend: the C++ pair (CPU here) and the Triton pair
+DEVICE_OPS = {
+    "cpu": ("_coattention_forward", "_coattention_backward"),
+    "triton": ("_triton_coattention_forward", "_triton_coattention_backward"),
+}
 
 
 @pytest.mark.parametrize("multi", [False, True])
-def test_opcheck(multi):
-    name = "scale_selective_coattention" if multi else "gaussian_coattention"
-    args = _op_args(multi)
-    torch.library.opcheck(getattr(torch.ops.smca, name).default, args)
-    # The backward op, on the forward's saved outputs.
-    no_grad_args = _op_args(multi, requires_grad=False)
-    outputs = getattr(torch.ops.smca, name)(*no_grad_args)
-    grad_out = torch.randn_like(outputs[0])
-    tensors = no_grad_args[:6] if multi else no_grad_args[:5]
-    saved = outputs[1:] if multi else outputs
-    rest = no_grad_args[6:] if multi else no_grad_args[5:]
-    torch.library.opcheck(getattr(torch.ops.smca, name + "_backward").default, (grad_out, *tensors, *saved, *rest))
+@pytest.mark.parametrize("backend", sorted(DEVICE_OPS))
+def test_opcheck(multi, backend):
+    if backend not in sk.available_backends(TRITON_DEVICE if backend == "triton" else "cpu"):
+        pytest.skip(f"backend {backend!r} is not available here")
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    forward, backward = (getattr(torch.ops.smca, name).default for name in DEVICE_OPS[backend])
+    torch.library.opcheck(forward, _op_args(multi, device=device))
+    # The backward op, on the forward's saved outputs (out as the one level's output without alpha).
+    args = _op_args(multi, requires_grad=False, device=device)
+    out, out_levels, lse = forward(*args)
+    saved = (out_levels if multi else out.unsqueeze(3), lse)
+    torch.library.opcheck(backward, (torch.randn_like(out), *args[:6], *saved, *args[6:]))
 
 
 @pytest.mark.parametrize("multi", [False, True])
 def test_op_autograd_matches_the_public_function(multi):
-    """The public functions differentiate through an autograd.Function around the op (less host
-    time); a direct op call through the op's registered autograd. Both give the same gradients."""
+    """The public functions differentiate through an autograd.Function around the device op (less
+    host time); a direct op call through the op's registered autograd. Both give the same gradients."""
     args = _op_args(multi)
     tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    if multi:
-        calls = (torch.ops.smca.scale_selective_coattention, sk.ops._ScaleSelectiveFunction.apply)
-    else:
-        calls = (torch.ops.smca.gaussian_coattention, sk.ops._GaussianFunction.apply)
+    forward = torch.ops.smca._coattention_forward.default
     results = []
-    for call_op in calls:
+    for call_op in (forward, lambda *a: sk.ops._Coattention.apply(forward, *a)):
         out = call_op(*args)[0]
         results.append((out, torch.autograd.grad(out, tensors, torch.ones_like(out))))
     assert torch.equal(results[0][0], results[1][0])
@@ -459,78 +351,9 @@ def test_direct_op_call_is_checked_in_cpp():
         torch.ops.smca._coattention_forward(q, k, k, coords.expand(1, 1, 2, 2, 2), coords.expand(1, 1, 2, 2, 2), None, [1, 2, 2, 2], None, 1.0, 0.0, 0)
 
 
-def _triton_args(**changes):
-    """Good arguments of the Triton device kernels (two levels), with `changes`."""
-    B, H, Nq, L, D = 1, 2, 3, 10, 8
-    args = dict(
-        q=torch.randn(B, H, Nq, D), k=torch.randn(B, H, L, D), v=torch.randn(B, H, L, D),
-        centers=torch.rand(B, H, Nq, 2, 2), precision=torch.rand(B, H, Nq, 2, 2), alpha=torch.rand(B, H, Nq, 2),
-        spatial_shapes=[2, 3, 2, 2], key_padding_mask=torch.zeros(B, L, dtype=torch.bool), dropout_p=0.0,
-    )
-    args.update(changes)
-    return {n: t.to(TRITON_DEVICE) if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
-            for n, t in args.items()}
-
-
-BAD_TRITON = [
-    (dict(q=torch.randn(2, 3, 8)), r"q: expected \(B, H, Nq, D\)"),
-    (dict(k=torch.randn(1, 2, 10, 4)), r"k: expected \(B, H, L, D\) = \(1, 2, L, 8\)"),
-    (dict(v=torch.randn(1, 2, 9, 8)), r"v: expected the shape of k"),
-    (dict(q=torch.randn(1, 2, 3, 8, dtype=torch.float64)), r"q: the Triton backend takes float32, float16 or bfloat16"),
-    (dict(v=torch.randn(1, 2, 10, 8).half()), r"q, k, v: expected one dtype"),
-    (dict(q=torch.randn(1, 2, 3, 256), k=torch.randn(1, 2, 10, 256), v=torch.randn(1, 2, 10, 256)), r"head dims 1\.\.128, got 256"),
-    (dict(spatial_shapes=[2, 3, 2]), r"spatial_shapes: expected \[H0, W0, H1, W1, \.\.\.\]"),
-    (dict(spatial_shapes=[2, 5, 0, 2]), r"spatial_shapes: expected positive sizes"),
-    (dict(spatial_shapes=[2, 3, 1, 2]), r"k: expected L = 8 keys"),
-    (dict(centers=torch.rand(1, 2, 3, 2)), r"centers: expected \(B, H, Nq, S, 2\) = \(1, 2, 3, 2, 2\)"),
-    (dict(precision=torch.rand(1, 2, 3, 2, 2).double()), r"precision: expected dtype float32"),
-    (dict(alpha=torch.rand(1, 2, 3, 1)), r"alpha: expected \(B, H, Nq, S\) = \(1, 2, 3, 2\)"),
-    (dict(alpha=torch.rand(1, 2, 3, 2).half()), r"alpha: expected dtype float32"),
-    (dict(alpha=None), r"alpha: required with 2 levels"),
-    (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), r"key_padding_mask: expected \(B, L\) = \(1, 10\)"),
-    (dict(key_padding_mask=torch.zeros(1, 10)), r"key_padding_mask: expected dtype bool"),
-    (dict(v=torch.randn(1, 2, 10, 8, device="meta")), r"v: expected device"),
-    (dict(dropout_p=1.0), r"dropout_p: expected 0 <= p < 1"),
-]
-
-
-@pytest.mark.parametrize("changes,message", BAD_TRITON)
-def test_triton_kernels_check_their_input(changes, message):
-    """The Triton device kernels are callable directly (and by a custom op): bad input raises a
-    message that names the argument, before any launch."""
-    from smca_kernels.triton import coattention_backward, coattention_forward
-
-    a = _triton_args(**changes)
-    args = (a["q"], a["k"], a["v"], a["centers"], a["precision"], a["alpha"])
-    rest = (a["spatial_shapes"], a["key_padding_mask"], 0.5, a["dropout_p"], 0)
-    with pytest.raises(RuntimeError, match=message):
-        coattention_forward(*args, *rest)
-    good = _triton_args()
-    out, out_levels, lse = coattention_forward(*(good[n] for n in ("q", "k", "v", "centers", "precision", "alpha")),
-                                               good["spatial_shapes"], good["key_padding_mask"], 0.5, 0.0, 0)
-    with pytest.raises(RuntimeError, match=message):
-        coattention_backward(torch.ones_like(out), *args, out_levels, lse, *rest)
-
-
-def test_triton_backward_checks_the_saved_tensors():
-    from smca_kernels.triton import coattention_backward, coattention_forward
-
-    a = _triton_args()
-    args = (a["q"], a["k"], a["v"], a["centers"], a["precision"], a["alpha"])
-    rest = (a["spatial_shapes"], a["key_padding_mask"], 0.5, 0.0, 0)
-    out, out_levels, lse = coattention_forward(*args, *rest)
-    for bad, message in ((dict(grad_out=out[:, :1]), r"grad_out: expected shape \(1, 2, 3, 8\)"),
-                         (dict(out_levels=out_levels.half()), r"out_levels: expected shape .* dtype torch.float32"),
-                         (dict(lse=lse[..., :1]), r"lse: expected shape \(1, 2, 3, 2\)")):
-        saved = {"grad_out": torch.ones_like(out), "out_levels": out_levels, "lse": lse, **bad}
-        with pytest.raises(RuntimeError, match=message):
-            coattention_backward(saved["grad_out"], *args, saved["out_levels"], saved["lse"], *rest)
-
-
-def test_op_called_with_an_unusable_backend(monkeypatch):
+def test_triton_op_without_the_interpreter_on_cpu(monkeypatch):
+    """The Triton ops are public: called on CPU tensors without TRITON_INTERPRET=1 they say so."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = _op_args(multi=False, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu tensors: .*TRITON_INTERPRET=1"):
-        torch.ops.smca.gaussian_coattention(*args[:-1], "triton")
-    with pytest.raises(ValueError, match=r"backend: the smca ops take 'cpu', 'cuda' or 'triton', got 'reference'"):
-        torch.ops.smca.gaussian_coattention(*args[:-1], "reference")
+        torch.ops.smca._triton_coattention_forward(*args)

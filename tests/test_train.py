@@ -820,11 +820,12 @@ def test_max_size_alone_caps_the_images(data_root, tmp_path, capsys):
 
 
 def test_predict_resizes_as_evaluation_does_under_the_cap():
-    """The model's own resize (predict, attention maps) gives the evaluation transform's sizes,
-    also where max_size is below eval_size."""
+    """Inference's resize (smca.predict: predict, attention maps) gives the evaluation
+    transform's sizes, also where max_size is below eval_size."""
     from smca import Config
     from smca.data.transforms import make_transforms
     from smca.models import build_model
+    from smca.predict import prepare_images
     from torchvision import tv_tensors
 
     cfg = Config(
@@ -837,7 +838,7 @@ def test_predict_resizes_as_evaluation_does_under_the_cap():
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
         boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 5.0, 5.0]]), format="XYXY", canvas_size=(height, width))
         expected = transforms(image, {"boxes": boxes, "labels": torch.tensor([1])})[0].shape[-2:]
-        batch, pixel_mask, _ = model.prepare_images([image])
+        batch, pixel_mask, _ = prepare_images(model, [image])
         assert tuple(batch.shape[-2:]) == tuple(expected) and max(expected) == 100
 
 

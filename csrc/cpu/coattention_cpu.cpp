@@ -1,5 +1,5 @@
 // C++ CPU kernels of smca::_coattention_forward / _coattention_backward (schemas in
-// csrc/smca.cpp, math in SPEC section 1), float32 and float64: the checks, the outputs, and the
+// csrc/smca.cpp, math in docs/operators.md), float32 and float64: the checks, the outputs, and the
 // choice of the kernels' ISA level for this call (cpu/isa.h; the kernels are cpu/kernels.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // What the CPU co-attention kernels take (cpu/kernels.h), and their entry points for each ISA
-// level (cpu/isa.h). Shapes and math: csrc/smca.cpp and SPEC section 1.
+// level (cpu/isa.h). Shapes and math: csrc/smca.cpp and docs/operators.md.
 #pragma once
 
 #include <cstdint>

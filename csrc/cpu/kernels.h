@@ -1,7 +1,7 @@
 // The CPU co-attention kernels, compiled once per ISA level: kernels_<level>.cpp defines
 // SMCA_ISA (the namespace) and SMCA_ISA_LEVEL, then includes this file, which includes every
 // outside header first and only then sets the target (cpu/isa.h says why). Schemas in
-// csrc/smca.cpp, math in SPEC section 1; float32 and float64.
+// csrc/smca.cpp, math in docs/operators.md, design in docs/kernels.md; float32 and float64.
 //
 // Flash-attention style, as ATen's CPU flash attention
 // (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp): tiles of kQueryTile queries x kKeyTile

@@ -1,4 +1,14 @@
-// CUDA kernels of _coattention_forward / _coattention_backward (SPEC 1, csrc/smca.cpp).
+// CUDA kernels of _coattention_forward / _coattention_backward (schemas in csrc/smca.cpp; math
+// in docs/operators.md, design in docs/kernels.md).
+//
+// Tested without a GPU: tests/cuda_emulation.py rewrites this file as text and builds it for the
+// CPU with tests/cuda_emulation.h, so keep the forms it rewrites (docs/kernels.md, Testing):
+// launches in triple-chevron syntax, the kernel a name with at most one flat template argument
+// list; 1-D blocks (threadIdx.x); shared memory only through the one dynamic `smem` declaration;
+// __syncthreads and __shfl_xor_sync (every lane calling) as the only synchronisation, no
+// atomics; the CUDA includes, host calls and device guard line it replaces, verbatim; the CUDA
+// registration block last. A rewrite that finds nothing fails the tests. (This comment avoids
+// the rewritten texts themselves.)
 //
 // Flash-style, fp32 accumulation, fp32 coordinates; q/k/v in float32, float16 or bfloat16.
 // Tiles live in shared memory as fp32 and are multiplied with plain FMA loops: simple and exact

@@ -42,7 +42,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 
-from ..models.utils import pad_images
+from ..utils import pad_images
 from .image import ImageError, image_size, read_image
 from .transforms import make_transforms
 

@@ -22,7 +22,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..models.utils import IMAGENET_MEAN, IMAGENET_STD
+from ..utils import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["RandomSizeCrop", "ResizeShortestSide", "resized_size", "capped_sizes_note", "make_transforms"]
 

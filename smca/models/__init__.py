@@ -31,6 +31,8 @@ def build_model(cfg: Config) -> Tuple[SMCADETR, SetCriterion, PostProcess]:
     "detr": as "smca" with the Gaussian off (plain cross-attention, no reference point).
     Everything is created on the CPU; move the model with .to(device).
     """
+    if cfg.num_classes is None:
+        raise ValueError("num_classes: None stands for 'from the data'; set it before building the model")
     multi_scale = cfg.model == "smca_ms"
     d = cfg.hidden_dim
     backbone = Backbone(

@@ -3,11 +3,12 @@
 Every layer l computes u = LayerNorm(t + query_pos) from its input. Layer 0's u gives the
 reference point r = sigmoid(MLP(u)) in normalised image coordinates (x, y); every layer's u
 gives per-head (or head-shared) offsets and scales, so that the Gaussian prior of query i is
-centred at r in grid cells plus the offset, with precision = scale / sqrt(beta) (SPEC 2). The
-scale is one of the paper's code's `--dynamic_scale` types: "type1" a constant 1, "type2" one
-per head (both axes), "type3" one per head and axis. With several feature levels each level has its
-own offsets and scales, and alpha = softmax over levels of a linear layer of u mixes them
-(scale-selective co-attention). With `gaussian=False` the same layers are plain DETR.
+centred at r in grid cells plus the offset, with precision = scale / sqrt(beta) (docs/model.md,
+Decoder and the modulation). The scale is one of the paper's code's `--dynamic_scale` types:
+"type1" a constant 1, "type2" one per head (both axes), "type3" one per head and axis. With
+several feature levels each level has its own offsets and scales, and alpha = softmax over
+levels of a linear layer of u mixes them (scale-selective co-attention). With `gaussian=False`
+the same layers are plain DETR.
 
 All tensors are batch-first: queries (B, Nq, d), memory (B, L, d), masks (B, L) True = padding.
 """

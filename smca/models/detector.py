@@ -1,33 +1,18 @@
 """SMCADETR: backbone -> projection -> encoder -> SMCA decoder -> class and box heads."""
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.v2 import functional as TF
-
-from smca_kernels.reference import gaussian_log_prior
-
-from ..data.transforms import resized_size
 from .backbone import Backbone
 from .decoder import MLP, Decoder
 from .position_encoding import PositionEmbeddingSine
 from ..config import CLASSIFIERS
-from .postprocess import PostProcess, class_probabilities
-from .utils import boxes_to_pixels, normalize, pad_images, unpadded_sizes
+from .postprocess import PostProcess
+from ..utils import unpadded_sizes
 
 __all__ = ["SMCADETR"]
-
-Images = Union[Tensor, Sequence[Tensor]]
-
-
-def _resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
-    """(B, K, h, w) -> (B, K, *size), bilinear; unchanged when already that size."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-
 
 class SMCADETR(nn.Module):
     """SMCA-DETR (single- or multi-scale) and, with a plain decoder, DETR.
@@ -44,9 +29,10 @@ class SMCADETR(nn.Module):
             probability 0.01, SMCA) or "softmax" (num_classes + 1 logits, the last "no
             object", DETR).
         aux_loss: also return the predictions of every decoder layer but the last.
-        postprocess: PostProcess used by predict.
-        eval_size, max_size: predict() resizes as evaluation does: the shorter side to eval_size,
-            the longer to at most max_size, the cap winning (smca.data.transforms.resized_size).
+        postprocess: the PostProcess of inference on raw images (smca.predict.predict).
+        eval_size, max_size: inference on raw images (smca.predict) resizes as evaluation does:
+            the shorter side to eval_size, the longer to at most max_size, the cap winning
+            (smca.data.transforms.resized_size).
     """
 
     def __init__(
@@ -90,9 +76,6 @@ class SMCADETR(nn.Module):
         self.eval_size = eval_size
         self.max_size = max_size
 
-    # ------------------------------------------------------------------------------------------
-    # Training / evaluation forward
-    # ------------------------------------------------------------------------------------------
     def forward(self, images: Tensor, pixel_mask: Tensor, attention_layer: Optional[int] = None) -> Dict:
         """
         Args:
@@ -154,114 +137,3 @@ class SMCADETR(nn.Module):
         backbone = [p for n, p in self.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         rest = [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         return [{"params": rest}, {"params": backbone, "lr": lr_backbone}]
-
-    # ------------------------------------------------------------------------------------------
-    # Inference on raw images
-    # ------------------------------------------------------------------------------------------
-    def prepare_images(self, images: Images) -> Tuple[Tensor, Tensor, Tensor]:
-        """Raw images -> model input at the evaluation size.
-
-        Args:
-            images: a list of (3, H_b, W_b) tensors or a (B, 3, H, W) batch, float in [0, 1]
-                or uint8.
-        Returns:
-            batch (B, 3, Hm, Wm) normalised and padded, pixel_mask (B, Hm, Wm),
-            original_sizes (B, 2) (h, w) of the inputs.
-        """
-        if isinstance(images, Tensor):
-            images = [images] if images.dim() == 3 else list(images.unbind(0))
-        device = self.query_embed.weight.device
-        resized, sizes = [], []
-        for image in images:
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"images: expected (3, H, W) tensors, got shape {tuple(image.shape)}")
-            image = image.to(device)
-            image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-            sizes.append(image.shape[-2:])
-            # the size evaluation resizes to (the cap may win over eval_size)
-            image = TF.resize(image, list(resized_size(*sizes[-1], self.eval_size, self.max_size)), antialias=True)
-            resized.append(normalize(image))
-        batch, pixel_mask = pad_images(resized)
-        return batch, pixel_mask, torch.as_tensor([list(s) for s in sizes], device=device)
-
-    @torch.no_grad()
-    def _run_eval(self, images: Images, attention_layer: Optional[int] = None) -> Tuple[Dict, Tensor, Tensor]:
-        """Runs the model in eval mode (restoring the mode after) -> (outputs, pixel_mask, original_sizes)."""
-        batch, pixel_mask, sizes = self.prepare_images(images)
-        was_training = self.training
-        self.eval()
-        try:
-            outputs = self(batch, pixel_mask, attention_layer)
-        finally:
-            self.train(was_training)
-        return outputs, pixel_mask, sizes
-
-    @torch.no_grad()
-    def predict(self, images: Images, threshold: float = 0.5) -> List[Dict[str, Tensor]]:
-        """Detections on raw images; no targets needed.
-
-        Args:
-            images: see prepare_images (any sizes; resized to the evaluation size internally).
-            threshold: keep detections whose score exceeds it.
-        Returns:
-            one dict per image: boxes (K, 4) absolute xyxy in the input image's pixels,
-            labels (K,) int64, scores (K,), by decreasing score.
-        """
-        outputs, _, sizes = self._run_eval(images)
-        results = self.postprocess(outputs, sizes)
-        return [{k: v[r["scores"] > threshold] for k, v in r.items()} for r in results]
-
-    @torch.no_grad()
-    def attention_maps(self, images: Images, query_indices: Sequence[int], layer: int = -1) -> Dict:
-        """Gaussian prior and cross-attention of chosen queries over the feature map, for pictures.
-
-        With several levels the maps of the coarser levels are resized onto the finest level's
-        grid: the attention keeps its mass (it sums to 1 over all levels), the prior is the
-        alpha-weighted mixture of the levels' priors.
-
-        Args:
-            images: see prepare_images.
-            query_indices: K query indices.
-            layer: decoder layer (negative counts from the last).
-        Returns:
-            attention (B, K, Hf, Wf) head-averaged cross-attention weights;
-            prior (B, K, Hf, Wf) head-averaged Gaussian weights exp(logG) in [0, 1] (None for DETR);
-            feature_size (Hf, Wf) and stride: cell (x, y) covers pixels [stride x, stride (x + 1))
-                of the padded input of size padded_size (Hm, Wm);
-            image_sizes (B, 2) (h, w) of each resized image in that input (the rest is padding);
-            boxes (B, K, 4) the queries' boxes in the original images' pixels (xyxy);
-            scores (B, K) their top class probability, labels (B, K) that class.
-        """
-        outputs, pixel_mask, sizes = self._run_eval(images, attention_layer=layer)
-        att = outputs["attention"]
-        index = torch.as_tensor(list(query_indices), dtype=torch.long, device=pixel_mask.device)
-        shapes = att["spatial_shapes"]
-        height, width = shapes[0]
-        weights = att["weights"][:, index]  # (B, K, L)
-
-        attention, prior = [], []
-        for level, (w_level, (h, w)) in enumerate(zip(weights.split([h * w for h, w in shapes], dim=-1), shapes)):
-            w_level = w_level.unflatten(-1, (h, w))  # (B, K, h, w)
-            # a coarse level's cell spreads its weight over the finer cells it covers
-            attention.append(_resize(w_level, (height, width)) * (h * w) / (height * width))
-            if att["centers"] is not None:
-                log_prior = gaussian_log_prior(
-                    att["centers"][:, :, index, level], att["precision"][:, :, index, level], (h, w)
-                )  # (B, H or 1, K, h * w)
-                level_prior = log_prior.exp().mean(1).unflatten(-1, (h, w))
-                if att["alpha"] is not None:
-                    level_prior = level_prior * att["alpha"][:, 0, index, level, None, None]
-                prior.append(_resize(level_prior, (height, width)))
-
-        scores, labels = class_probabilities(outputs["pred_logits"][:, index], self.classifier).max(-1)
-        return {
-            "attention": torch.stack(attention).sum(0),
-            "prior": torch.stack(prior).sum(0) if prior else None,
-            "feature_size": (height, width),
-            "stride": self.decoder.strides[0],
-            "padded_size": tuple(pixel_mask.shape[-2:]),
-            "image_sizes": unpadded_sizes(pixel_mask).long(),
-            "boxes": boxes_to_pixels(outputs["pred_boxes"][:, index], sizes),
-            "scores": scores,
-            "labels": labels,
-        }

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from smca_kernels import SMCAAttention
 
-from .utils import split_levels
+from ..utils import split_levels
 
 __all__ = ["EncoderLayer", "Encoder", "MultiScaleEncoder"]
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CLASSIFIERS
-from .utils import boxes_to_pixels
+from ..utils import boxes_to_pixels
 
 __all__ = ["PostProcess", "class_probabilities"]
 

@@ -1,5 +1,5 @@
 """Pieces shared by the forward and backward Triton kernels: the Gaussian log-prior, the dropout
-mask, the level table, argument checks and launch heuristics.
+mask, the level table, the argument check and launch heuristics.
 
 Conventions of every kernel in this package:
 - Every tensor is contiguous. A program works on one (batch, head) pair `bh = b * H + h` and
@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ..checks import check_coattention, check_kernel_input, shapes_from_flat
 
 # Globals read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -93,6 +95,33 @@ def dropout_keep(seed, rows, keys, L, dropout_p):
     return tl.rand(seed, offset) >= dropout_p
 
 
+@triton.jit
+def score_tile(q, k_ptr, v_ptr, mask_ptr, start, local, hi, width, offs_d, d_ok,
+               cx, cy, px, py, qk_scale, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One key tile of a level against a query tile, as the forward and the dq pass see it.
+
+    q (BLOCK_M, BLOCK_D); local (BLOCK_N,) key indices within the level, those >= hi past its
+    end (or this split's share); start: the level's first key; cx .. py (BLOCK_M,) the rows'
+    Gaussians. Returns k, v (BLOCK_N, BLOCK_D) tiles, keys (global indices), key_ok (the keys
+    in range and unmasked), dx, dy (BLOCK_M, BLOCK_N) offsets from the centres in cells, and
+    the base-2 scores scale q k^T log2(e) + logG log2(e), -inf at keys not ok.
+    """
+    key_ok = local < hi
+    keys = start + local
+    kv_offs = keys[:, None] * HEAD_DIM + offs_d[None, :]
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+    dx = (local % width).to(tl.float32)[None, :] - cx[:, None]
+    dy = (local // width).to(tl.float32)[None, :] - cy[:, None]
+    scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+              + log_prior(dx, dy, px[:, None], py[:, None]) * LOG2E)
+    key_ok = valid_keys(mask_ptr, keys, key_ok, HAS_MASK)
+    scores = tl.where(key_ok[None, :], scores, float("-inf"))
+    return k, v, keys, key_ok, dx, dy, scores
+
+
 @functools.lru_cache(maxsize=128)
 def _level_table(spatial_shapes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     rows, start = [], 0
@@ -155,59 +184,13 @@ def default_num_splits(batch_heads: int, num_queries: int, largest_level: int,
 
 def check_args(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask,
                dropout_p) -> int:
-    """The checks of smca::check_coattention_args (csrc/checks.cpp) for the Triton backend, so a
-    direct call with bad input raises instead of reading out of bounds. Returns S.
-    Each message is formatted only on failure: this runs on every call, on the host's time."""
-    if q.dim() != 4:
-        raise RuntimeError(f"q: expected (B, H, Nq, D), got shape {tuple(q.shape)}")
-    B, H, Nq, D = q.shape
-    if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
-        raise RuntimeError(f"k: expected (B, H, L, D) = ({B}, {H}, L, {D}), got shape {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise RuntimeError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"q: the Triton backend takes float32, float16 or bfloat16, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise RuntimeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 1 <= D <= 128:
-        raise RuntimeError(f"q: the Triton backend takes head dims 1..128, got {D}")
-    if len(spatial_shapes) < 2 or len(spatial_shapes) % 2 != 0:
-        raise RuntimeError(f"spatial_shapes: expected [H0, W0, H1, W1, ...], got {list(spatial_shapes)}")
-    if any(n <= 0 for n in spatial_shapes):
-        raise RuntimeError(f"spatial_shapes: expected positive sizes, got {list(spatial_shapes)}")
-    S = len(spatial_shapes) // 2
-    L = sum(level_sizes(spatial_shapes))
-    if k.shape[2] != L:
-        raise RuntimeError(f"k: expected L = {L} keys for spatial_shapes {list(spatial_shapes)}, "
-                           f"got {k.shape[2]}")
-    tensors = [("centers", centers), ("precision", precision)]
-    for name, t in tensors:
-        if t.shape != (B, H, Nq, S, 2):
-            raise RuntimeError(f"{name}: expected (B, H, Nq, S, 2) = ({B}, {H}, {Nq}, {S}, 2), "
-                               f"got {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise RuntimeError(f"{name}: expected dtype float32, got {t.dtype}")
-    if alpha is not None:
-        if alpha.shape != (B, H, Nq, S):
-            raise RuntimeError(f"alpha: expected (B, H, Nq, S) = ({B}, {H}, {Nq}, {S}), got {tuple(alpha.shape)}")
-        if alpha.dtype != torch.float32:
-            raise RuntimeError(f"alpha: expected dtype float32, got {alpha.dtype}")
-        tensors.append(("alpha", alpha))
-    elif S != 1:
-        raise RuntimeError(f"alpha: required with {S} levels")
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (B, L):
-            raise RuntimeError(f"key_padding_mask: expected (B, L) = ({B}, {L}), "
-                               f"got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.dtype != torch.bool:
-            raise RuntimeError(f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
-        tensors.append(("key_padding_mask", key_padding_mask))
-    for name, t in [("k", k), ("v", v), *tensors]:
-        if t.device != q.device:
-            raise RuntimeError(f"{name}: expected device {q.device}, got {t.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise RuntimeError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
-    return S
+    """The operator contract (smca_kernels.checks) in the device ops' form, and what the Triton
+    kernels take, so a direct call with bad input raises instead of reading out of bounds.
+    spatial_shapes: [H0, W0, H1, W1, ...]. Returns S."""
+    shapes = shapes_from_flat(spatial_shapes)
+    check_coattention(q, k, v, centers, precision, alpha, shapes, key_padding_mask, dropout_p)
+    check_kernel_input("triton", q, centers, precision, alpha, len(shapes))
+    return len(shapes)
 
 
 def mask_arg(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._common import (
     LOG2E, block_d, bucket, check_args, configs, default_num_splits, dot_precision, dropout_keep,
-    level_sizes, level_table, load_gaussian, log_prior, mask_arg, valid_keys,
+    level_sizes, level_table, load_gaussian, log_prior, mask_arg, score_tile, valid_keys,
 )
 
 # Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
@@ -262,18 +262,9 @@ def _dq_kernel(
         p_dy2_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j0 in range(lo, hi, BLOCK_N):
             local = j0 + tl.arange(0, BLOCK_N)
-            key_ok = local < hi
-            keys = start + local
-            kv_offs = keys[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
-            dx = (local % width).to(tl.float32)[None, :] - cx[:, None]
-            dy = (local // width).to(tl.float32)[None, :] - cy[:, None]
-            scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                      + log_prior(dx, dy, px[:, None], py[:, None]) * LOG2E)
-            key_ok = valid_keys(mask_ptr, keys, key_ok, HAS_MASK)
-            scores = tl.where(key_ok[None, :], scores, float("-inf"))
+            k, v, keys, key_ok, dx, dy, scores = score_tile(
+                q, k_ptr, v_ptr, mask_ptr, start, local, hi, width, offs_d, d_ok, cx, cy, px, py, qk_scale,
+                HEAD_DIM, HAS_MASK, DOT_PRECISION)
             p = tl.exp2(scores - lse2[:, None])  # P
             w = p
             if HAS_ALPHA:
@@ -356,7 +347,7 @@ def coattention_backward(
                                   ("out_levels", out_levels, (B, H, Nq, S, D), q.dtype),
                                   ("lse", lse, (B, H, Nq, S), torch.float32)):
         if t.shape != shape or t.dtype != dtype or t.device != q.device:
-            raise RuntimeError(f"{name}: expected shape {shape}, dtype {dtype}, device {q.device}; "
+            raise ValueError(f"{name}: expected shape {shape}, dtype {dtype}, device {q.device}; "
                                f"got {tuple(t.shape)}, {t.dtype}, {t.device}")
     grad_out, q, k, v, centers, precision, out_levels, lse = (
         t.contiguous() for t in (grad_out, q, k, v, centers, precision, out_levels, lse))

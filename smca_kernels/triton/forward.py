@@ -1,4 +1,4 @@
-"""Fused forward of the co-attention (SPEC 1.1 and 1.2) in one launch over all levels.
+"""Fused forward of the co-attention (docs/operators.md; design: docs/kernels.md, Forward) in one launch over all levels.
 
 A program owns BLOCK_M query rows of one (batch, head) and walks the levels one after another;
 for each level it streams the level's keys in BLOCK_N tiles with an online softmax (a running
@@ -17,8 +17,7 @@ import triton.language as tl
 
 from ._common import (
     LN2, LOG2E, block_d, bucket, check_args, configs, default_num_splits, dot_precision,
-    dropout_keep, level_sizes, level_table, live_levels, load_gaussian, log_prior, mask_arg,
-    valid_keys,
+    dropout_keep, level_sizes, level_table, live_levels, load_gaussian, mask_arg, score_tile,
 )
 
 # Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
@@ -149,18 +148,9 @@ def _forward_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for j0 in range(lo, hi, BLOCK_N):
             local = j0 + tl.arange(0, BLOCK_N)  # key index within the level
-            key_ok = local < hi
-            keys = start + local
-            kv_offs = keys[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
-            dx = (local % width).to(tl.float32)[None, :] - cx[:, None]
-            dy = (local // width).to(tl.float32)[None, :] - cy[:, None]
-            scores = (tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                      + log_prior(dx, dy, px[:, None], py[:, None]) * LOG2E)
-            key_ok = valid_keys(mask_ptr, keys, key_ok, HAS_MASK)
-            scores = tl.where(key_ok[None, :], scores, float("-inf"))
+            k, v, keys, key_ok, dx, dy, scores = score_tile(
+                q, k_ptr, v_ptr, mask_ptr, start, local, hi, width, offs_d, d_ok, cx, cy, px, py, qk_scale,
+                HEAD_DIM, HAS_MASK, DOT_PRECISION)
 
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             # While a row has seen only masked keys its max is -inf; exp2 against 0 keeps it NaN-free.

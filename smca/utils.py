@@ -1,4 +1,5 @@
-"""Batching helpers shared by the model and the data pipeline.
+"""Helpers shared by the data pipeline, the model and inference: ImageNet normalisation,
+batching with a pixel mask, and box conversion to pixels.
 
 Box conversions and IoUs come from torchvision.ops (box_convert, generalized_box_iou).
 """
