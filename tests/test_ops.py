@@ -220,6 +220,23 @@ def test_op_autograd_matches_the_public_function(multi):
         assert torch.equal(direct, function)
 
 
+def test_torch_export_carries_the_device_op():
+    """torch.export sees one device op per call (smca._coattention_forward, the dispatch key then
+    picks the CPU or CUDA kernel), and the exported program computes what eager does."""
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, centers, precision, alpha, mask):
+            return sk.scale_selective_coattention(q, k, v, centers, precision, alpha, [(3, 4), (2, 3)], mask, backend="cpu")
+
+    case = Case(Nq=5, D=16, shapes=[(3, 4), (2, 3)], multi=True, mask="random")
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(8)), torch.float32, "cpu")
+    args = tuple(t[n].detach() for n in ("q", "k", "v", "centers", "precision", "alpha")) + (t["mask"],)
+    program = torch.export.export(Attend(), args)
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count("smca._coattention_forward.default") == 1
+    assert torch.equal(program.module()(*args), Attend()(*args))
+
+
 def test_torch_compile_fullgraph_matches_eager():
     case = Case(Nq=7, D=16, shapes=[(3, 4), (2, 3)], multi=True, mask="random")
     inputs = make_inputs(case, torch.Generator().manual_seed(6))
