@@ -17,7 +17,7 @@ USE_CUDA ?= 1
 FORCE_CUDA ?= $(if $(and $(CUDA_HOME),$(filter-out 0,$(USE_CUDA))),1,0)
 export CUDA_HOME MAX_JOBS USE_CUDA FORCE_CUDA
 
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
 .PHONY: install test demo bench convergence clean
 

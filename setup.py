@@ -1,15 +1,17 @@
 """Builds smca_kernels._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+The package's metadata, dependencies and console scripts are in pyproject.toml.
 
 CUDA is built when torch is a CUDA build and nvcc is found (CUDA_HOME), forced with FORCE_CUDA=1
-and skipped with USE_CUDA=0. With no GPU visible, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
-Install with `pip install --no-build-isolation -e .`.
+and skipped with USE_CUDA=0. The architectures are TORCH_CUDA_ARCH_LIST's (e.g. "9.0" for an
+H100); with none set and no GPU visible they default to "8.0;9.0". Install with
+`pip install --no-build-isolation .` (`-e .` for a working copy) into an environment that has torch.
 """
 import glob
 import os
 import sysconfig
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -50,13 +52,7 @@ def extension():
 
 
 setup(
-    name="smca",
-    version="0.1.0",
-    description="Fused Gaussian-modulated and scale-selective co-attention kernels and SMCA-DETR",
-    packages=find_packages(include=["smca_kernels*", "smca*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
-    entry_points={"console_scripts": ["smca-train=smca.train:main", "smca-convert=smca.convert:main"]},
-    python_requires=">=3.10",
 )

@@ -18,8 +18,14 @@ resumed ends with the same weights, bit for bit, as a run straight through. A re
 settings win over the checkpoint's: set_schedule applies its lr, lr_backbone, weight_decay and
 lr_drop to the restored optimizer and scheduler, and training_changes lists the settings that
 differ (architecture fields must agree: check_compatible).
+
+A checkpoint is enough on its own: every model that receives a checkpoint's weights (predict,
+--eval --resume, --resume, --finetune) is built from config_to_restore(cfg), which does not read
+the pretrained backbone file (backbone_weights) the config names, so a checkpoint works from any
+folder and on another machine.
 """
 
+import dataclasses
 import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -39,6 +45,7 @@ __all__ = [
     "is_weights_only",
     "load_checkpoint",
     "check_compatible",
+    "config_to_restore",
     "training_changes",
     "restore",
     "set_schedule",
@@ -51,6 +58,12 @@ FORMAT = "smca-checkpoint-1"
 # run's length, which a resume usually extends).
 ARCHITECTURE_FIELDS = fields_of("architecture")
 TRAINING_FIELDS = fields_of("training") + fields_of("loss")
+
+
+_CONVERT_HINT = (
+    "A checkpoint saved by SMCA-DETR's or DETR's main.py is converted first: "
+    "python -m smca.convert --source {smca-detr,detr} --input FILE --output OUT.pth"
+)
 
 
 class CheckpointError(RuntimeError):
@@ -170,10 +183,10 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     except Exception as err:  # noqa: BLE001  a damaged file fails in many ways (zip, pickle, decoding)
         why = f"{type(err).__name__}: {err}"
         raise CheckpointError(
-            f"checkpoint {path!r} cannot be read: corrupt, truncated or not written by smca ({why})"
+            f"checkpoint {path!r} cannot be read: corrupt, truncated or not written by smca ({why}). {_CONVERT_HINT}"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} is not an smca checkpoint (no {FORMAT!r} format tag)")
+        raise CheckpointError(f"{path!r} is not an smca checkpoint (no {FORMAT!r} format tag). {_CONVERT_HINT}")
     return state
 
 
@@ -212,6 +225,13 @@ def training_changes(state: Dict[str, Any], cfg) -> List[str]:
     return [
         f"{k}: checkpoint {saved.get(k)!r}, run {current[k]!r}" for k in TRAINING_FIELDS if saved.get(k) != current[k]
     ]
+
+
+def config_to_restore(cfg):
+    """cfg for building a model that a checkpoint's weights then fill: backbone_weights None, so
+    that the pretrained backbone file it names is not read (the checkpoint holds the backbone's
+    weights; the file may be gone, or be on another machine)."""
+    return dataclasses.replace(cfg, backbone_weights=None)
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ The config travels as plain data: `to_dict()` goes into checkpoints and `from_di
 back (a pickled dataclass or argparse.Namespace would tie checkpoints to this module's code).
 """
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -144,6 +145,11 @@ class Config:
         ):
             if value not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+        for name in ("hidden_dim", "nheads", "enc_layers", "dim_feedforward"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta: expected a finite bandwidth > 0, got {self.beta}")
         # the sine position encoding pairs sin/cos features on each of the two axes
         if self.hidden_dim % self.nheads or self.hidden_dim % 4:
             raise ValueError(

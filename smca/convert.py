@@ -43,8 +43,11 @@ __all__ = ["SOURCES", "ConversionError", "read_reference_checkpoint", "reference
 PROG = "smca-convert"
 SOURCES = ("smca-detr", "detr")
 
-# main.py's defaults (both repositories) for what the weights do not show.
-_MAIN_DEFAULTS = dict(nheads=8, smooth=8.0, dropout=0.1, aux_loss=True, pre_norm=False, masks=False, dilation=False)
+# main.py's defaults for what the weights do not show: both repositories', then each one's own
+# (the matching class cost: DETR 1, the paper's code 2).
+_MAIN_DEFAULTS = dict(nheads=8, smooth=8.0, dropout=0.1, aux_loss=True, pre_norm=False, masks=False, dilation=False,
+                      set_cost_bbox=5, set_cost_giou=2, bbox_loss_coef=5, giou_loss_coef=2, eos_coef=0.1)
+_SOURCE_DEFAULTS = {"smca-detr": dict(set_cost_class=2), "detr": dict(set_cost_class=1)}
 # Renamings, applied in order to every key; the first match wins.
 _RENAMES: List[Tuple[str, str]] = [
     (r"^backbone\.0\.body\.conv1\.", "backbone.stem.0."),
@@ -85,6 +88,8 @@ def read_reference_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Optional[Di
             f"--input {path!r} cannot be read as a checkpoint of tensors, plain data and argparse.Namespace "
             f"({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from err
+    if isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith("smca-checkpoint"):
+        raise ConversionError(f"--input {path!r} is already an smca checkpoint: use it as it is")
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         state, args = checkpoint["model"], checkpoint.get("args")
     elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
@@ -144,7 +149,7 @@ def reference_config(
     """
     if source not in SOURCES:
         raise ConversionError(f"--source: expected one of {SOURCES}, got {source!r}")
-    given = dict(_MAIN_DEFAULTS, **(args or {}))
+    given = {**_MAIN_DEFAULTS, **_SOURCE_DEFAULTS[source], **(args or {})}
     for setting, value, why in (
         ("dilation", given["dilation"], "dilated C5 (DC5) is not implemented"),
         ("pre_norm", given["pre_norm"], "pre-norm transformer layers are not implemented"),
@@ -274,6 +279,9 @@ def convert(
 
     if os.path.exists(output_path):
         raise ConversionError(f"--output {output_path!r} already exists; give another path")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"--output {output_path!r}: its folder {folder!r} does not exist")
     state, args = read_reference_checkpoint(input_path)
     cfg = reference_config(state, args, source, overrides)
     weights = convert_state_dict(state, source)
@@ -293,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--source", required=True, choices=SOURCES, help="the repository whose main.py saved --input")
     p.add_argument("--input", required=True, help="the reference checkpoint (.pth)")
     p.add_argument("--output", required=True, help="the smca checkpoint to write")
-    p.add_argument("--num_queries", type=int, help="checked against the weights")
+    p.add_argument("--num_queries", type=int, help="checked against the weights (they hold the queries)")
     p.add_argument("--nheads", type=int, help="attention heads (default: the checkpoint's args, else 8)")
     p.add_argument("--beta", type=float, help="Gaussian bandwidth (default: the checkpoint's --smooth, else 8)")
     p.add_argument(
@@ -307,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ConversionError, DatasetError) as err:
         p.exit(2, f"{PROG}: error: {err}\n")
     print(
-        f"{args.output}: {cfg.model} ({cfg.backbone}, {cfg.enc_layers}+{cfg.dec_layers} layers, "
+        f"{args.output}: {cfg.model} ({cfg.backbone}, {cfg.enc_layers}+{cfg.dec_layers} layers, {cfg.nheads} heads, "
         f"{cfg.num_queries} queries, {cfg.num_classes} classes, {cfg.classifier} classifier"
         + (f", dynamic_scale {cfg.dynamic_scale}, beta {cfg.beta:g}" if cfg.model != "detr" else "")
         + ")",

@@ -6,7 +6,8 @@ trained checkpoint:
         [--threshold 0.5] [--max_detections N] [--attention_queries [Q ...]]
 
 writes PRED/detections.json (per image: file, height, width and the detections, boxes xyxy in
-the image's pixels, clipped to the image), PRED/<name>.png (the image with its boxes drawn) and, with
+the image's pixels, clipped to the image), PRED/<name>.png (the image with its boxes drawn, enlarged
+to a shorter side of at least 512 px when smaller, with a caption line giving the threshold) and, with
 --attention_queries, PRED/<name>_attention.png: for each chosen query (no values: the four
 highest-scoring ones) its box, Gaussian prior and cross-attention over the image.
 """
@@ -25,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from smca_kernels.reference import gaussian_log_prior
 
-from .checkpoint import CheckpointError, load_checkpoint, restore
+from .checkpoint import CheckpointError, config_to_restore, load_checkpoint, restore
 from .config import Config
 from .data.image import ImageError, read_image
 from .data.transforms import resized_size
@@ -56,18 +57,31 @@ def prepare_images(model: "SMCADETR", images: Images) -> Tuple[Tensor, Tensor, T
 
     Args:
         images: a list of (3, H_b, W_b) tensors or a (B, 3, H, W) batch, float in [0, 1]
-            or uint8.
+            or uint8 (smca.data.image.read_image reads a file so).
     Returns:
         batch (B, 3, Hm, Wm) normalised and padded, pixel_mask (B, Hm, Wm),
         original_sizes (B, 2) (h, w) of the inputs.
+    Raises:
+        TypeError: not tensors (a numpy array, a PIL image or a path: read it with read_image).
+        ValueError: not 3 channels, or float values outside [0, 1] (0..255 as floats, say).
     """
     if isinstance(images, Tensor):
         images = [images] if images.dim() == 3 else list(images.unbind(0))
+    if isinstance(images, (str, bytes)) or not all(isinstance(image, Tensor) for image in images):
+        raise TypeError(
+            "images: expected (3, H, W) tensors (uint8, or float in [0, 1]); read files with "
+            f"smca.data.image.read_image, got {type(images).__name__}"
+        )
     device = model.query_embed.weight.device
     resized, sizes = [], []
     for image in images:
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"images: expected (3, H, W) tensors, got shape {tuple(image.shape)}")
+        if image.is_floating_point() and image.numel() and not (image.min() >= 0 and image.max() <= 1):
+            raise ValueError(
+                f"images: float pictures must be in [0, 1], got values in [{float(image.min()):g}, "
+                f"{float(image.max()):g}] (pass uint8, or divide 0..255 values by 255)"
+            )
         image = image.to(device)
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         sizes.append(image.shape[-2:])
@@ -128,6 +142,7 @@ def attention_maps(model: "SMCADETR", images: Images, query_indices: Sequence[in
         boxes (B, K, 4) the queries' boxes in the original images' pixels (xyxy);
         scores (B, K) their top class probability, labels (B, K) that class.
     """
+    _check_attention_args(model, query_indices, layer)
     outputs, pixel_mask, sizes = _run_eval(model, images, attention_layer=layer)
     att = outputs["attention"]
     index = torch.as_tensor(list(query_indices), dtype=torch.long, device=pixel_mask.device)
@@ -163,6 +178,16 @@ def attention_maps(model: "SMCADETR", images: Images, query_indices: Sequence[in
     }
 
 
+def _check_attention_args(model: "SMCADETR", query_indices: Optional[Sequence[int]], layer: int) -> None:
+    """ValueError naming a query index or decoder layer the model does not have."""
+    queries, layers = model.query_embed.num_embeddings, len(model.decoder.layers)
+    bad = [int(i) for i in (query_indices or []) if not 0 <= int(i) < queries]
+    if bad:
+        raise ValueError(f"query indices {bad}: the model has queries 0..{queries - 1}")
+    if not -layers <= layer < layers:
+        raise ValueError(f"attention layer {layer}: the model has decoder layers 0..{layers - 1} (or -1..-{layers})")
+
+
 def load_model(checkpoint: str, device: str = "cpu", attention_backend: Optional[str] = None):
     """(model in eval mode on device, its Config, {category id: name}) from a checkpoint."""
     from .models import build_model
@@ -172,7 +197,9 @@ def load_model(checkpoint: str, device: str = "cpu", attention_backend: Optional
     cfg.device = device
     if attention_backend is not None:
         cfg.attention_backend = attention_backend
-    model, _, _ = build_model(cfg)
+    # The checkpoint holds every weight: the model it fills is built without reading the
+    # pretrained backbone file its config names, which need not exist here (another folder or machine).
+    model, _, _ = build_model(config_to_restore(cfg))
     restore(state, model, rank=None)
     return model.to(device).eval(), cfg, dict(state.get("categories", {}))
 
@@ -197,8 +224,11 @@ def predict_files(
 
     Keeps the detections scoring above threshold, at most max_detections per image (the best).
     Images are read as a person sees them (smca.data.image.read_image); ImageError names a file
-    that cannot be read.
+    that cannot be read; ValueError a query or layer the model does not have (before anything is
+    written).
     """
+    if attention_queries is not None:
+        _check_attention_args(model, attention_queries, attention_layer)
     os.makedirs(output_dir, exist_ok=True)
     device = next(model.parameters()).device
     report = {"threshold": threshold, "images": []}
@@ -226,7 +256,15 @@ def predict_files(
                 ],
             )
         )
-        drawn = draw_detections(image, result["boxes"], result["labels"], result["scores"], categories)
+        drawn = draw_detections(
+            image,
+            result["boxes"],
+            result["labels"],
+            result["scores"],
+            categories,
+            threshold=threshold,
+            caption=None if max_detections is None else f"(at most {max_detections} shown, the best)",
+        )
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(os.path.join(output_dir, f"{name}.png"))
         if attention_queries is not None:
             queries = attention_queries
@@ -272,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             args.attention_layer,
             args.max_detections,
         )
-    except (CheckpointError, ImageError) as err:
+    except (CheckpointError, ImageError, ValueError) as err:
         p.exit(2, f"{PROG}: error: {err}\n")
     count = sum(len(i["detections"]) for i in report["images"])
     print(f"{count} detections in {len(report['images'])} images written to {args.output_dir}")

@@ -16,9 +16,10 @@ defaults to the data's largest category id + 1. --max_size caps the longer image
 --min_sizes and --eval_size, as DETR's resize does (a note says when it overrides them).
 
 With a checkpoint (--resume, --eval --resume, --finetune), every architecture field
-(smca.checkpoint.ARCHITECTURE_FIELDS; with --finetune also the loss and matching weights,
-LOSS_FIELDS) that no flag and no --preset set is the checkpoint's, so its model flags need not
-be repeated; one that is set must agree with the checkpoint (--resume)
+(smca.checkpoint.ARCHITECTURE_FIELDS) and every loss and matching weight (LOSS_FIELDS) that no
+flag, --preset or --schedule sets is the checkpoint's, with --resume also every training
+setting (lr, sizes, batch size, ...: the run continues, or is evaluated, as it ran), so its
+flags need not be repeated; one that is set must agree with the checkpoint (--resume)
 or its weights must fit (--finetune). num_classes: --resume takes the checkpoint's (the data's
 category ids must be below it), --finetune the data's as a new run does. --finetune starts a new
 run (epoch 0, a fresh optimizer, schedule and step count) from the weights of a training or a
@@ -26,7 +27,9 @@ weights-only checkpoint (smca.convert's): every tensor that fits is loaded; the 
 re-initialised where the number of classes differs and the query embeddings where --num_queries
 does; any other key missing or of another shape is an error naming it. The checkpoint's backbone
 weights win over --backbone_weights. A fine-tuning run writes ordinary checkpoints, continued
-with --resume; a weights-only checkpoint cannot be --resume'd for training.
+with --resume; a weights-only checkpoint cannot be --resume'd for training. A checkpoint is
+enough on its own: --resume, --eval --resume and --finetune never read the backbone file its
+config (or --backbone_weights) names.
 
 Every epoch: train, evaluate on val (COCO's 12-line summary), append a JSON line to
 OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth (a checkpoint already there is
@@ -47,7 +50,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 from smca_kernels.ops import BACKENDS
@@ -56,6 +59,7 @@ from .checkpoint import (
     CheckpointError,
     ARCHITECTURE_FIELDS,
     check_compatible,
+    config_to_restore,
     is_weights_only,
     load_checkpoint,
     restore,
@@ -183,7 +187,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--eval", action="store_true", help="only evaluate on val2017 and print COCO's summary")
     g.add_argument(
-        "--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard"
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard: each loss term, lr, COCO AP, per epoch",
     )
     g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -373,25 +379,40 @@ def _trim_log(path: str, start_epoch: int) -> None:
 
 
 class _TensorBoard:
-    """Scalars to OUTPUT_DIR/tensorboard when TensorBoard is installed (a warning otherwise)."""
+    """Scalars to OUTPUT_DIR/tensorboard when TensorBoard is installed (a warning otherwise), one
+    point per epoch (the x axis is the epoch): every train_* and test_* number of the log line
+    (the loss and each weighted and unweighted loss term, class error, gradient norm), the COCO
+    summary's twelve numbers as test_AP, test_AP50, ..., test_ARl, the learning rate of each
+    param group (lr: the transformer's, lr_backbone: the backbone's) and step (optimizer steps).
+    A resumed run first drops the points of the epochs it trains again (purge_step)."""
 
-    def __init__(self, output_dir: str) -> None:
+    # The log line's bookkeeping that is no curve.
+    SKIPPED = ("epoch", "n_parameters")
+    LR_TAGS = ("lr", "lr_backbone")  # SMCADETR.param_groups' order
+
+    def __init__(self, output_dir: str, start_epoch: int = 0) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             print(f"{PROG}: warning: --tensorboard needs the tensorboard package; not logging to it", file=sys.stderr)
             self.writer = None
             return
-        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_epoch or None)
 
-    def log(self, stats: Dict, epoch: int) -> None:
+    def log(self, stats: Dict, epoch: int, lrs: Sequence[float] = ()) -> None:
+        """stats: the epoch's log line; lrs: the lr of each param group during the epoch."""
         if self.writer is None:
             return
         for key, value in stats.items():
-            if isinstance(value, (int, float)):
+            if key == "train_lr" and lrs:
+                continue  # the first param group's: "lr" below
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in self.SKIPPED:
                 self.writer.add_scalar(key, value, epoch)
-        for name, value in zip(COCO_STAT_NAMES, stats.get("test_coco_eval_bbox", [])):
+        for name, value in zip(COCO_STAT_NAMES, stats.get("test_coco_eval_bbox") or []):
             self.writer.add_scalar(f"test_{name}", value, epoch)
+        for index, lr in enumerate(lrs):
+            tag = self.LR_TAGS[index] if index < len(self.LR_TAGS) else f"lr_group{index}"
+            self.writer.add_scalar(tag, lr, epoch)
         self.writer.flush()
 
     def close(self) -> None:
@@ -464,7 +485,11 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
                 f"{cfg.resume} (or evaluate it with --eval --resume)"
             )
         saved = _checkpoint_config(state, "--resume", cfg.resume)
-        cfg = _take_architecture(cfg, chosen, saved, "--resume", cfg.resume)
+        # Settings not given are the checkpoint's own, so that the same flags continue the run it
+        # was (a fine-tuned run's loss recipe, the demo's sizes) and --eval measures it as it ran.
+        cfg = _take_architecture(
+            cfg, chosen, saved, "--resume", cfg.resume, fields=ARCHITECTURE_FIELDS + LOSS_FIELDS + fields_of("training")
+        )
         num_classes_from = num_classes_from or "the checkpoint's num_classes"
     elif cfg.finetune:
         finetune = cfg.finetune
@@ -487,7 +512,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
                 f"come from --finetune {finetune}",
                 file=sys.stderr,
             )
-        model, criterion, postprocessor = build_model(dataclasses.replace(cfg, backbone_weights=None))
+        model, criterion, postprocessor = build_model(config_to_restore(cfg))
         differ = _architecture_differences(saved, cfg)
         try:
             report = load_finetune_weights(model, state, finetune)
@@ -504,7 +529,9 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
                 )
         state = None  # a new run: no optimizer, schedule, step or generators from the checkpoint
     else:
-        model, criterion, postprocessor = build_model(cfg)
+        # With --resume the checkpoint's weights replace the pretrained backbone's: its file is not
+        # read (it may be gone, or on another machine).
+        model, criterion, postprocessor = build_model(config_to_restore(cfg) if state is not None else cfg)
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
@@ -587,7 +614,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
         with open(os.path.join(output_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
         if cfg.tensorboard:
-            tensorboard = _TensorBoard(output_dir)
+            tensorboard = _TensorBoard(output_dir, start_epoch)
     if main_process:
         todo = (
             f"epochs {start_epoch}..{cfg.epochs - 1}"
@@ -610,6 +637,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
             start = time.time()
             if dist_info.distributed:
                 loader_train.sampler.set_epoch(epoch)
+            lrs = [group["lr"] for group in optimizer.param_groups]  # this epoch's, before the scheduler steps
             train_stats = train_one_epoch(
                 model, criterion, loader_train, optimizer, device, epoch, cfg.clip_max_norm, cfg.amp, scaler, progress
             )
@@ -632,7 +660,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(log) + "\n")
                 if tensorboard is not None:
-                    tensorboard.log(log, epoch)
+                    tensorboard.log(log, epoch, lrs)
                 save_checkpoint(
                     checkpoint_path,
                     model=model_without_ddp,

@@ -4,22 +4,77 @@ Uses matplotlib's object API (matplotlib.figure.Figure), which needs no GUI back
 not touch pyplot's global state.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
 
-__all__ = ["PALETTE", "draw_detections", "feature_map_to_image", "plot_attention"]
+__all__ = ["PALETTE", "MIN_DRAWN_SIDE", "draw_detections", "feature_map_to_image", "plot_attention"]
 
 # Colour-blind-friendly categorical colours (Okabe-Ito), cycled over category ids.
 PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF")
+CAPTION_BACKGROUND = "#202020"  # the strip under a picture that says its threshold
+CAPTION_TEXT = "#FFFFFF"
 
 
 def _name(categories: Optional[Dict[int, str]], label: int) -> str:
     return (categories or {}).get(int(label), str(int(label)))
+
+
+# Pictures smaller than this (shorter side, pixels) are drawn enlarged, so that boxes and their
+# labels can be read.
+MIN_DRAWN_SIDE = 512
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or without FreeType: one fixed size
+        return ImageFont.load_default()
+
+
+def _text_colour(colour: str) -> str:
+    """Black on light colours, white on dark ones."""
+    r, g, b = ImageColor.getrgb(colour)[:3]
+    return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#FFFFFF"
+
+
+def _overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_label(box: Sequence[float], size: Sequence[float], taken: List[Sequence[float]], bounds: Sequence[int]):
+    """Top-left corner of a label of `size` (w, h) for `box` (xyxy): above the box's top-left
+    corner, else inside it at the top, else below it, else inside at the bottom, the first of
+    these that lies in the picture and overlaps no label in `taken`; when every one is taken,
+    stacked below the first free place under the box's top."""
+    w, h = size
+    width, height = bounds
+    x0, y0, x1, y1 = box
+    x = min(max(x0, 0.0), max(width - w, 0.0))
+
+    def free(y: float) -> bool:
+        rect = (x, y, x + w, y + h)
+        return y >= 0 and y + h <= height and not any(_overlaps(rect, other) for other in taken)
+
+    for y in (y0 - h, y0, y1, y1 - h):
+        if free(y):
+            return x, y
+    y = min(max(y0, 0.0), max(height - h, 0.0))
+    for _ in range(len(taken) + 1):  # step down past the labels in the way
+        if free(y):
+            return x, y
+        below = [o[3] for o in taken if _overlaps((x, y, x + w, y + h), o)]
+        if not below:
+            break
+        y = max(below)
+        if y + h > height:
+            break
+    return x, min(max(y0, 0.0), max(height - h, 0.0))  # nowhere free: on top of another
 
 
 def draw_detections(
@@ -28,15 +83,69 @@ def draw_detections(
     labels: Tensor,
     scores: Tensor,
     categories: Optional[Dict[int, str]] = None,
-    width: int = 2,
+    width: Optional[int] = None,
+    threshold: Optional[float] = None,
+    caption: Optional[str] = None,
+    min_side: int = MIN_DRAWN_SIDE,
 ) -> Tensor:
-    """image (3, H, W) uint8; boxes (K, 4) xyxy in its pixels; labels, scores (K,) -> (3, H, W) uint8
-    with each box outlined in its category's colour and captioned "name score"."""
-    if len(boxes) == 0:
-        return image.cpu().clone()
-    captions = [f"{_name(categories, l)} {s:.2f}" for l, s in zip(labels.tolist(), scores.tolist())]
-    colours = [PALETTE[int(l) % len(PALETTE)] for l in labels.tolist()]
-    return draw_bounding_boxes(image.cpu(), boxes.detach().float().cpu(), labels=captions, colors=colours, width=width)
+    """image (3, H, W) uint8; boxes (K, 4) xyxy in its pixels; labels, scores (K,) -> a picture
+    (3, H', W') uint8 with each box outlined in its category's colour and labelled "name score".
+
+    An image whose shorter side is below min_side is drawn enlarged (bilinear) to that shorter
+    side, so that the boxes and labels can be read; a larger one keeps its size. The labels'
+    font and the lines' width (default) follow the drawn size; a label goes above its box, inside
+    it where that place is taken by another label (the best-scoring detections, first in the
+    list, choose first), else below it, or is stacked under the others. With a threshold or a
+    caption, a strip under the picture says "score > threshold: K detections" and the caption;
+    H' then includes that strip.
+    """
+    image = image.detach().cpu()
+    height, width_px = image.shape[-2:]
+    scale = max(1.0, min_side / max(min(height, width_px), 1))
+    size = (max(1, round(width_px * scale)), max(1, round(height * scale)))  # PIL: (w, h)
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    if size != picture.size:
+        picture = picture.resize(size, Image.BILINEAR)
+    short = min(size)
+    font = _font(max(11, round(short / 32)))
+    line = width if width is not None else max(2, round(short / 200))
+    draw = ImageDraw.Draw(picture)
+    sx, sy = size[0] / width_px, size[1] / height
+    taken: List[Sequence[float]] = []
+    drawn = []
+    for box, label in zip(boxes.detach().float().cpu().tolist(), labels.tolist()):
+        colour = PALETTE[int(label) % len(PALETTE)]
+        xyxy = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+        xyxy[2], xyxy[3] = max(xyxy[2], xyxy[0]), max(xyxy[3], xyxy[1])
+        draw.rectangle(xyxy, outline=colour, width=line)
+        drawn.append((xyxy, colour))
+    for (xyxy, colour), label, score in zip(drawn, labels.tolist(), scores.tolist()):  # over every box
+        text = f"{_name(categories, label)} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        pad = max(1, line // 2)
+        label_size = (right + 2 * pad, bottom + 2 * pad)
+        x, y = _place_label(xyxy, label_size, taken, size)
+        rect = (x, y, x + label_size[0], y + label_size[1])
+        taken.append(rect)
+        draw.rectangle(rect, fill=colour)
+        draw.text((x + pad, y + pad), text, fill=_text_colour(colour), font=font)
+    lines = []
+    if threshold is not None:
+        lines.append(f"score > {threshold:g}: {len(boxes)} detection{'' if len(boxes) == 1 else 's'}")
+    if caption:
+        lines.append(caption)
+    if lines:
+        text = "   ".join(lines)
+        probe = ImageDraw.Draw(picture)
+        _, top, _, bottom = probe.textbbox((0, 0), text, font=font)
+        pad = max(2, round(short / 100))
+        strip = Image.new("RGB", (size[0], bottom + 2 * pad), CAPTION_BACKGROUND)
+        ImageDraw.Draw(strip).text((pad, pad), text, fill=CAPTION_TEXT, font=font)
+        framed = Image.new("RGB", (size[0], size[1] + strip.size[1]))
+        framed.paste(picture, (0, 0))
+        framed.paste(strip, (0, size[1]))
+        picture = framed
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
 def feature_map_to_image(values: Tensor, stride: int, resized_size: Sequence[int], image_size: Sequence[int]) -> Tensor:

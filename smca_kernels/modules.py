@@ -188,6 +188,9 @@ class SMCAAttention(nn.MultiheadAttention):
                 "query, key, value: expected all 3-D (batched) or all 2-D (unbatched), got shapes "
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
+        for name, t, size in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != size:
+                raise ValueError(f"{name}: expected last dim {size} (the module's {name} embedding size), got shape {tuple(t.shape)}")
         batched = query.dim() == 3
         if not batched:  # a batch of one, removed again from the results
             batch_dim = 0 if self.batch_first else 1

@@ -101,6 +101,14 @@ def test_without_args_settings_come_from_the_weights(tmp_path):
     assert cfg.beta == 2.0
 
 
+def test_defaults_without_args_are_each_repositorys(tmp_path):
+    """main.py's matching class cost: DETR's 1, the paper's code's 2."""
+    path, _, _ = _reference(tmp_path, "detr", with_args=False)
+    assert convert(path, str(tmp_path / "detr_out.pth"), "detr").set_cost_class == 1.0
+    path, _, _ = _reference(tmp_path, "smca-detr", with_args=False, dynamic_scale="type3")
+    assert convert(path, str(tmp_path / "smca_out.pth"), "smca-detr").set_cost_class == 2.0
+
+
 def test_bare_state_dict_and_ddp_prefix(tmp_path):
     _, state, _ = _reference(tmp_path, "detr")
     path = str(tmp_path / "bare.pth")
@@ -190,6 +198,13 @@ def test_unreadable_and_unsafe_files(tmp_path):
     torch.save({"model": {"a": 1}}, path)
     with pytest.raises(ConversionError, match="not a state dict of tensors"):
         convert(path, out, "detr")
+    # already converted: said so
+    detr_path, _, _ = _reference(tmp_path, "detr")
+    convert(detr_path, out, "detr")
+    with pytest.raises(ConversionError, match="already an smca checkpoint"):
+        convert(out, str(tmp_path / "again.pth"), "detr")
+    with pytest.raises(ConversionError, match="its folder .* does not exist"):
+        convert(detr_path, str(tmp_path / "no" / "such" / "out.pth"), "detr")
 
 
 class _Evil:
@@ -204,7 +219,7 @@ def test_cli(tmp_path, capsys):
     path, _, _ = _reference(tmp_path, "smca-detr", dynamic_scale="type3")
     out = str(tmp_path / "out.pth")
     main(["--source", "smca-detr", "--input", path, "--output", out])
-    assert "smca (resnet18, 2+3 layers, 20 queries, 91 classes, focal classifier, dynamic_scale type3, beta 8)" in (
+    assert "smca (resnet18, 2+3 layers, 8 heads, 20 queries, 91 classes, focal classifier, dynamic_scale type3, beta 8)" in (
         capsys.readouterr().out
     )
     with pytest.raises(SystemExit) as exit_info:

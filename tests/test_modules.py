@@ -220,3 +220,14 @@ def test_constructor_takes_multihead_attentions_arguments():
     for name in ("add_bias_kv", "add_zero_attn"):
         with pytest.raises(NotImplementedError, match=f"{name}=True"):
             sk.SMCAAttention(32, 4, **{name: True})
+
+
+def test_embedding_size_is_checked():
+    """A query, key or value of another embedding size than the module's is named, not a matmul error."""
+    attn = sk.SMCAAttention(32, 4, batch_first=True, kdim=24)
+    x, mem = torch.randn(2, 5, 32), torch.randn(2, 6, 24)
+    with pytest.raises(ValueError, match=r"query: expected last dim 32 .* got shape \(2, 5, 16\)"):
+        attn(torch.randn(2, 5, 16), mem, torch.randn(2, 6, 32))
+    with pytest.raises(ValueError, match=r"key: expected last dim 24"):
+        attn(x, torch.randn(2, 6, 32), torch.randn(2, 6, 32))
+    assert attn(x, mem, torch.randn(2, 6, 32))[0].shape == (2, 5, 32)

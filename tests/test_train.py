@@ -423,7 +423,10 @@ def test_predict_writes_json_and_png(straight_run, data_root, tmp_path):
             assert det["category"] == NAMES.get(det["category_id"], str(det["category_id"])) and 0 <= det["score"] <= 1
         stem = os.path.splitext(os.path.basename(path))[0]
         with Image.open(os.path.join(out, f"{stem}.png")) as drawn:
-            assert drawn.size == size and drawn.mode == "RGB"
+            # enlarged to a shorter side of 512, a caption strip under it
+            scale = 512 / min(size)
+            assert drawn.size[0] == round(scale * size[0]) and drawn.size[1] > round(scale * size[1])
+            assert min(drawn.size[0], drawn.size[1]) >= 512 and drawn.mode == "RGB"
         assert os.path.getsize(os.path.join(out, f"{stem}_attention.png")) > 0
 
 
@@ -894,7 +897,7 @@ def test_cli_on_string_image_ids_stops_before_writing_anything(data_root, tmp_pa
 
 def test_predict_reads_a_16_bit_png_as_it_looks(straight_run, tmp_path):
     """A 16-bit grey PNG of value 32896 (PIL mode I;16) is mid-grey 128, not white: with no
-    detection kept, the drawn picture is the image as read."""
+    detection kept, the drawn picture is the image as read (enlarged)."""
     import numpy as np
 
     from smca import predict
@@ -907,7 +910,9 @@ def test_predict_reads_a_16_bit_png_as_it_looks(straight_run, tmp_path):
         + ["--output_dir", str(out), "--threshold", "1.0", "--device", "cpu"]
     )
     with Image.open(out / "grey16.png") as drawn:
-        assert drawn.size == (64, 48) and (np.asarray(drawn) == 128).all()
+        # enlarged to a shorter side of 512, the threshold's caption strip under it
+        assert drawn.size[0] == round(64 * 512 / 48) and drawn.size[1] > 512
+        assert (np.asarray(drawn)[:512] == 128).all()
 
 
 @pytest.mark.parametrize(
@@ -985,3 +990,101 @@ def test_finetune_keeps_the_checkpoints_loss_recipe(data_root, weights_only, tmp
     saved = torch.load(out / "checkpoint.pth", weights_only=True)["config"]
     assert (saved["cls_loss_coef"], saved["eos_coef"], saved["set_cost_class"]) == (1.0, 0.3, 2.0)
     assert saved["classifier"] == "softmax" and saved["dynamic_scale"] == CONVERTED["dynamic_scale"]
+    # continued with the same flags, the run keeps the recipe it had: nothing differs
+    capsys.readouterr()
+    train.main(["--resume", str(out / "checkpoint.pth"), "--output_dir", str(out), "--coco_path", data_root,
+                "--epochs", "2", "--set_cost_class", "2"] + TRAINING)
+    assert "differ" not in capsys.readouterr().err
+    resumed = torch.load(out / "checkpoint.pth", weights_only=True)["config"]
+    assert {k: resumed[k] for k in ("cls_loss_coef", "eos_coef", "set_cost_class", "topk")} == {
+        k: saved[k] for k in ("cls_loss_coef", "eos_coef", "set_cost_class", "topk")
+    }
+
+
+def test_a_checkpoint_is_enough_on_its_own(data_root, tmp_path, monkeypatch, capsys):
+    """A run trained from a pretrained backbone file (a relative path): with that file and the run
+    folder gone and another working directory, its checkpoint still predicts, evaluates,
+    fine-tunes and resumes training (the model is built without reading backbone_weights)."""
+    import torchvision
+
+    from smca import predict
+
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), work / "backbone.pth")
+    monkeypatch.chdir(work)
+    flags = TINY + ["--coco_path", data_root, "--backbone_weights", "backbone.pth"]
+    train.main(flags + ["--output_dir", "run", "--epochs", "1"])
+    assert load_checkpoint("run/checkpoint.pth")["config"]["backbone_weights"] == "backbone.pth"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move("run/checkpoint.pth", elsewhere / "checkpoint.pth")
+    shutil.rmtree("run")
+    os.unlink("backbone.pth")
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    checkpoint = os.path.relpath(elsewhere / "checkpoint.pth")
+    capsys.readouterr()
+
+    image = os.path.join(data_root, "val2017", sorted(os.listdir(os.path.join(data_root, "val2017")))[0])
+    predict.main(["--checkpoint", checkpoint, "--images", image, "--output_dir", "pred", "--device", "cpu"])
+    assert os.path.isfile("pred/detections.json")
+
+    train.main(["--coco_path", data_root, "--resume", checkpoint, "--eval", "--output_dir", "eval", "--device", "cpu",
+                "--num_workers", "0", "--eval_size", "64", "--max_size", "96", "--no_progress"])  # fmt: skip
+    assert os.path.isfile("eval/eval.json")
+
+    # the same flags as the first run, --backbone_weights naming the file that is gone
+    os.mkdir("resumed")
+    shutil.copyfile(checkpoint, "resumed/checkpoint.pth")
+    train.main(flags + ["--output_dir", "resumed", "--resume", "resumed/checkpoint.pth", "--epochs", "2"])
+    assert [line["epoch"] for line in _log("resumed")] == [1]
+
+    train.main(TINY + ["--coco_path", data_root, "--finetune", checkpoint, "--output_dir", "tuned", "--epochs", "1"])
+    assert load_checkpoint("tuned/checkpoint.pth")["epoch"] == 0
+    assert "no such file" not in capsys.readouterr().err
+
+
+def test_tensorboard_logs_every_loss_term_lr_and_ap_per_epoch(data_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from smca.engine import COCO_STAT_NAMES
+
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "2", "--tensorboard"])
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    log = _log(out)
+    loss_terms = {k for k in log[0] if k.startswith(("train_loss", "test_loss"))}
+    assert {"train_loss_ce", "train_loss_bbox", "train_loss_giou", "test_loss_ce"} <= loss_terms
+    expected = loss_terms | {"train_class_error", "lr", "lr_backbone", "step"} | {f"test_{n}" for n in COCO_STAT_NAMES}
+    assert expected <= tags, sorted(expected - tags)
+    for tag in expected:
+        assert [event.step for event in events.Scalars(tag)] == [0, 1], tag
+    for tag in loss_terms:
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([line[tag] for line in log], rel=1e-6), tag
+    assert [e.value for e in events.Scalars("test_AP")] == pytest.approx([l["test_coco_eval_bbox"][0] for l in log])
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([1e-3, 1e-4])  # --lr_drop 1
+    assert [e.value for e in events.Scalars("lr_backbone")] == pytest.approx([1e-4, 1e-5])
+
+
+def test_tensorboard_of_a_resumed_run_keeps_one_point_per_epoch(tmp_path):
+    """A run resumed from epoch 1 writes epochs 1.. again: their earlier points are dropped."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = train._TensorBoard(str(tmp_path), 0)
+    for epoch in range(3):
+        first.log({"train_loss": float(epoch), "epoch": epoch, "train_lr": 1e-3}, epoch, [1e-3, 1e-4])
+    first.close()
+    resumed = train._TensorBoard(str(tmp_path), 1)
+    for epoch in (1, 2):
+        resumed.log({"train_loss": 10.0 + epoch, "epoch": epoch, "train_lr": 1e-3}, epoch, [1e-3, 1e-4])
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train_loss", "lr", "lr_backbone"}  # train_lr is "lr"
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(0, 0.0), (1, 11.0), (2, 12.0)]

@@ -3,7 +3,6 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from .backbone import Backbone
 from .decoder import MLP, Decoder
@@ -12,7 +11,27 @@ from ..config import CLASSIFIERS
 from .postprocess import PostProcess
 from ..utils import unpadded_sizes
 
-__all__ = ["SMCADETR"]
+__all__ = ["SMCADETR", "resize_mask"]
+
+
+def _nearest_index(in_size, out_size, device) -> Tensor:
+    """The source index of each of out_size cells under nearest resizing from in_size cells, as
+    F.interpolate(mode="nearest") computes it: floor(i * s) with s = float32(in) / float32(out)
+    in float32, at most in_size - 1 (equal sizes and doubling give i and i // 2 either way)."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    scale = (one * in_size) / (one * out_size)
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long()
+    return index.clamp(max=in_size - 1)
+
+
+def resize_mask(mask: Tensor, size) -> Tensor:
+    """(B, H, W) bool -> (B, *size) bool: nearest resizing, the cells that
+    F.interpolate(mask[None].float(), size) picks, written with indexing so that the sizes may
+    be symbolic (torch.export, ONNX) and the exported graph picks the same cells as eager."""
+    rows = _nearest_index(mask.shape[-2], size[0], mask.device)
+    cols = _nearest_index(mask.shape[-1], size[1], mask.device)
+    return mask.index_select(-2, rows).index_select(-1, cols)
+
 
 class SMCADETR(nn.Module):
     """SMCA-DETR (single- or multi-scale) and, with a plain decoder, DETR.
@@ -99,8 +118,10 @@ class SMCADETR(nn.Module):
         srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
         if self.extra_level is not None:
             srcs.append(self.extra_level(features[-1]))
-        masks = [F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]
-        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        masks = [resize_mask(pixel_mask, s.shape[-2:]) for s in srcs]
+        # The sizes as the shapes give them: ints in eager, symbolic sizes under torch.export
+        # (int() would specialise the exported graph to the example's size).
+        spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
 
         src_flat, pos_flat, mask_flat = [], [], []
         for level, (src, mask) in enumerate(zip(srcs, masks)):
