@@ -1,6 +1,7 @@
 # make install: .venv with torch, torchvision and the rest, then builds smca_kernels._C
 #               (C++ CPU always; CUDA when torch is a CUDA build and nvcc is found).
-# make test:    install, then the test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU).
+# make test:    install, then the test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU)
+#               and the wheel check (.ci/wheel: pip wheel, a fresh venv beside torch, run from elsewhere).
 # make demo:    install, then the main job: make the built-in data set, train a small SMCA-DETR,
 #               evaluate, draw predictions (python -m smca.demo).
 # make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results,
@@ -36,6 +37,7 @@ $(VENV)/.built-cuda$(FORCE_CUDA): $(VENV)/.deps $(EXT_SOURCES)
 
 test: install
 	$(PY) -m pytest -q tests
+	bash .ci/wheel
 
 demo: install
 	$(PY) -m smca.demo
