@@ -13,21 +13,19 @@ prepares such batches), and returns (pred_logits, pred_boxes) as SMCADETR.forwar
 (no auxiliary outputs, no attention). Post-processing (top-k, boxes to pixels) stays outside.
 
 The co-attention is carried through as the operator's reference math (smca_kernels.reference,
-pure PyTorch): the model is built with attention_backend "reference", and each SMCAAttention
-runs that math on symbolic sizes (SMCAAttention.forward turns the level sizes into Python
-ints, which would fix the graph to the example's size). The fused kernels are device ops that
-ONNX cannot carry; eager inference keeps them.
+pure PyTorch): the exported copy's SMCAAttention modules use attention_backend "reference",
+which keeps the level sizes symbolic. The fused kernels are device ops that ONNX cannot
+carry; eager inference keeps them.
 """
 import argparse
 import copy
 import os
-import types
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from smca_kernels import SMCAAttention, reference
+from smca_kernels import SMCAAttention
 
 __all__ = ["ExportModel", "export_model", "export_program", "example_inputs", "check_export", "measure_latency", "main", "FORMATS"]
 
@@ -38,57 +36,12 @@ OUTPUT_NAMES = ["pred_logits", "pred_boxes"]
 DEFAULT_OPSET = 18
 
 
-def _attention_reference(
-    self: SMCAAttention,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_padding_mask: Optional[Tensor] = None,
-    need_weights: bool = False,
-    attn_mask: Optional[Tensor] = None,
-    average_attn_weights: bool = True,
-    is_causal: bool = False,
-    *,
-    centers: Optional[Tensor] = None,
-    precision: Optional[Tensor] = None,
-    spatial_shapes=None,
-    alpha: Optional[Tensor] = None,
-) -> Tuple[Tensor, None]:
-    """SMCAAttention.forward in inference as the detector calls it (batch-first, batched, bool
-    key_padding_mask, no attn_mask, no weights returned) with the level sizes left as they come
-    (ints in eager, symbolic sizes under torch.export). The same projections and the same
-    reference math as SMCAAttention with backend "reference": plain attention (no prior) is
-    reference.attention_weights with the prior left out, which adds zeros there."""
-    if not self.batch_first or query.dim() != 3 or attn_mask is not None or need_weights or is_causal:
-        raise NotImplementedError("export: SMCAAttention is exported batch-first and batched, without attn_mask or weights")
-    if self.training and self.dropout > 0:
-        raise NotImplementedError("export: put the model in eval mode (attention dropout)")
-    w_q, w_k, w_v, b_q, b_k, b_v = self._projections()
-    q, k, v = self._heads(query, w_q, b_q), self._heads(key, w_k, b_k), self._heads(value, w_v, b_v)
-    batch, heads, queries, head_dim = q.shape
-    if centers is None:
-        scale = head_dim**-0.5
-        root = scale**0.5
-        scores = torch.matmul(q * root, (k * root).transpose(-1, -2))
-        weights = reference._level_softmax(scores, key_padding_mask)
-    else:
-        shapes = [tuple(shape) for shape in spatial_shapes]
-        levels = len(shapes)
-        coordinates = (batch, heads, queries, levels, 2)
-        centers = (centers if centers.dim() == 5 else centers.unsqueeze(3)).expand(coordinates)
-        precision = (precision if precision.dim() == 5 else precision.unsqueeze(3)).expand(coordinates)
-        if alpha is not None:
-            alpha = alpha.expand(batch, heads, queries, alpha.shape[-1])
-        weights = reference.attention_weights(q, k, centers, precision, shapes, key_padding_mask, alpha=alpha)
-    out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, queries, self.embed_dim)
-    return self.out_proj(out), None
-
-
 class ExportModel(nn.Module):
     """The detector as exported: (images, pixel_mask) -> (pred_logits, pred_boxes).
 
     Holds a copy of `model` in eval mode, without auxiliary outputs, whose SMCAAttention modules
-    run the reference math on symbolic sizes; `model` itself is left as it is.
+    use the reference backend (standard ops; SMCAAttention keeps symbolic level sizes as they
+    come); `model` itself is left as it is.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -98,7 +51,6 @@ class ExportModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, SMCAAttention):
                 module.backend = "reference"
-                module.forward = types.MethodType(_attention_reference, module)
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> Tuple[Tensor, Tensor]:
         out = self.model(images, pixel_mask)

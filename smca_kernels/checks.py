@@ -52,12 +52,18 @@ def kernel_takes(backend: str, dtype: torch.dtype, head_dim: int, levels: int) -
     )
 
 
+def _size(n) -> Union[int, torch.SymInt]:
+    """A map size as an int; a symbolic size (torch.export with dynamic shapes) stays symbolic,
+    so that the exported graph is not specialised to the example's size."""
+    return n if isinstance(n, torch.SymInt) else int(n)
+
+
 def normalise_shapes(spatial_shapes: SpatialShapes, name: str = "spatial_shapes") -> List[Tuple[int, int]]:
     """[(Hf, Wf), ...] (or an (S, 2) tensor) -> a list of positive int pairs; ValueError otherwise."""
     if isinstance(spatial_shapes, Tensor):
         spatial_shapes = spatial_shapes.tolist()
     try:
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+        shapes = [(_size(h), _size(w)) for h, w in spatial_shapes]
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a sequence of (Hf, Wf) pairs, got {spatial_shapes!r}") from None
     if not shapes or any(h <= 0 or w <= 0 for h, w in shapes):

@@ -17,7 +17,7 @@ def _as_level_list(spatial_shapes) -> list:
     if isinstance(spatial_shapes, Tensor):
         spatial_shapes = spatial_shapes.tolist()
     spatial_shapes = list(spatial_shapes)
-    if len(spatial_shapes) == 2 and all(isinstance(n, int) for n in spatial_shapes):
+    if len(spatial_shapes) == 2 and all(isinstance(n, (int, torch.SymInt)) for n in spatial_shapes):
         return [tuple(spatial_shapes)]
     return [tuple(shape) for shape in spatial_shapes]
 
