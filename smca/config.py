@@ -17,6 +17,8 @@ MODULATIONS = ("multi_head", "head_shared")
 DYNAMIC_SCALES = ("type1", "type2", "type3")
 CLASSIFIERS = ("focal", "softmax")
 AMP_MODES = ("off", "bf16", "fp16")
+# torch.set_float32_matmul_precision's values: "highest" IEEE float32, "high"/"medium" TF32 on CUDA.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 # What a field is to a checkpoint (dataclasses field metadata "kind"): "architecture" fields
@@ -72,7 +74,10 @@ class Config:
         *_loss_coef, set_cost_* (matcher), topk (detections kept per image).
     Run: coco_path, output_dir, resume (a checkpoint to continue), finetune (a checkpoint whose
         weights start a new run), eval, tensorboard, progress (a progress bar); see smca.train.
-    Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; images are resized to a
+    Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; matmul_precision: the
+        float32 matrix products on a GPU (torch.set_float32_matmul_precision, which the smca
+        kernels follow too): "high" (the default) TF32 tensor cores, "highest" IEEE float32; no
+        effect on the CPU. Images are resized to a
         shorter side in min_sizes (training) or eval_size (evaluation, predict), longer side at
         most max_size; as in DETR the cap wins, so max_size alone shrinks every image
         (smca.data.transforms.resized_size).
@@ -120,6 +125,7 @@ class Config:
     num_workers: int = 2
     device: str = field(default_factory=_default_device)
     amp: str = TRAINING("off")
+    matmul_precision: str = "high"
     # data
     max_size: int = TRAINING(1333)
     min_sizes: Tuple[int, ...] = TRAINING(tuple(range(480, 801, 32)))
@@ -142,6 +148,7 @@ class Config:
             ("dynamic_scale", self.dynamic_scale, DYNAMIC_SCALES),
             ("classifier", self.classifier, CLASSIFIERS),
             ("amp", self.amp, AMP_MODES),
+            ("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS),
         ):
             if value not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {value!r}")

@@ -52,6 +52,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &smca::coattention_backward_cuda);
   m.def("widest_grid_y", [] { return emu::widest_grid_y; });
   m.def("reset_widest_grid_y", [] { emu::widest_grid_y = 0; });
+  m.def("set_fragment_fault", [](bool on) { emu::fragment_fault = on; });
+  m.def("to_tf32", [](float x) {  // the emulated cvt.rna.tf32.f32, as a float
+    const uint32_t bits = to_tf32(x);
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  });
 }
 """
 

@@ -1,10 +1,12 @@
 """Inputs and comparisons shared by the operator tests."""
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Largest error allowed, relative to the largest magnitude of the float64 reference. Where the
 # problem itself is ill-conditioned in that dtype (a centre far outside the map makes logG
@@ -31,6 +33,27 @@ def cpu_isa_params() -> list:
         pytest.param(isa, id=isa, marks=[] if isa in supported else pytest.mark.skip(reason=f"this CPU or build lacks {isa}"))
         for isa in CPU_ISAS
     ]
+
+
+def cut_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 `t` as TF32 tensor cores read it: the 13 low mantissa bits cleared; NaN stays NaN."""
+    cut = (t.view(torch.int32) & ~0x1FFF).view(torch.float32)
+    return torch.where(t.isnan(), t, cut)
+
+
+class TF32Matmuls(TorchDispatchMode):
+    """Inside, every float32 matrix product (mm, bmm and their add forms, which matmul and its
+    backward lower to) multiplies its operands cut to TF32 (cut_to_tf32), as a GPU does under
+    fp32_precision "tf32": the reference "run with the same setting" on the CPU, by which a
+    float32 kernel in TF32 is judged (reference_results(..., tf32=True))."""
+
+    PRODUCTS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
+                torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.baddbmm.default: (1, 2)}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self.PRODUCTS.get(func, ())
+        args = [cut_to_tf32(a) if i in operands and a.dtype == torch.float32 else a for i, a in enumerate(args)]
+        return func(*args, **(kwargs or {}))
 
 
 def allowed_error(dtype: torch.dtype, reference_error: float) -> float:
@@ -162,15 +185,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def reference_results(op, case: Case, inputs: dict, grad_out: torch.Tensor, dtype: torch.dtype, device: str):
+def reference_results(op, case: Case, inputs: dict, grad_out: torch.Tensor, dtype: torch.dtype, device: str,
+                      tf32: bool = False):
     """(exact, exact_g, ref, ref_g): the reference's (op: smca_kernels) output and gradients for
     `grad_out` in float64 (the truth) and in `dtype` (what that dtype itself can do on these
-    inputs), on `device`."""
+    inputs), on `device`; with tf32, `ref` multiplies in TF32 (TF32Matmuls; float32 only)."""
     results = []
     for precision in (torch.float64, dtype):
         t = leaves(inputs, precision, device)
-        out = call(op, case, t, "reference")
-        results += [out, grads(out, t, grad_out.to(device=device, dtype=precision))]
+        with TF32Matmuls() if tf32 and precision == torch.float32 else contextlib.nullcontext():
+            out = call(op, case, t, "reference")
+            results += [out, grads(out, t, grad_out.to(device=device, dtype=precision))]
     return tuple(results)
 
 

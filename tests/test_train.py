@@ -18,6 +18,7 @@ from PIL import Image
 import smca.models
 from smca import train
 from smca.checkpoint import load_checkpoint
+from smca.config import Config
 from smca.data.synthetic import CATEGORIES, make_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1088,3 +1089,26 @@ def test_tensorboard_of_a_resumed_run_keeps_one_point_per_epoch(tmp_path):
     events.Reload()
     assert set(events.Tags()["scalars"]) == {"train_loss", "lr", "lr_backbone"}  # train_lr is "lr"
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(0, 0.0), (1, 11.0), (2, 12.0)]
+
+
+def test_matmul_precision_reaches_the_kernels_on_a_gpu_only():
+    """--matmul_precision sets PyTorch's float32 matmul precision for a CUDA run (TF32 by default),
+    which the Triton kernels read (the CUDA kernel reads the same setting in C++); a CPU run and a
+    bad value leave it untouched."""
+    from smca.train import set_matmul_precision
+    from smca_kernels.triton._common import dot_precision
+
+    assert Config().matmul_precision == "high"
+    with pytest.raises(ValueError, match=r"matmul_precision: expected one of \('highest', 'high', 'medium'\), got 'tf32'"):
+        Config(matmul_precision="tf32")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        set_matmul_precision("high", torch.device("cpu"))
+        assert dot_precision(torch.float32) == "ieee"
+        set_matmul_precision("high", torch.device("cuda"))
+        assert dot_precision(torch.float32) == "tf32"
+        set_matmul_precision("highest", torch.device("cuda", 0))
+        assert dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)

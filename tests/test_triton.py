@@ -14,9 +14,10 @@ import torch
 import smca_kernels as sk
 from smca_kernels.triton import backward as triton_backward
 from smca_kernels.triton import forward as triton_forward
+from smca_kernels.triton._common import matmul_precision
 from helpers import (
-    TOLERANCE, TRITON_DEVICE, Case, assert_within_reference_error, device_kernel_results, leaves, make_inputs,
-    reference_results, relative_error,
+    TOLERANCE, TRITON_DEVICE, Case, assert_within_reference_error, device_kernel_results, leaves,
+    make_inputs, reference_results, relative_error,
 )
 
 if "triton" not in sk.available_backends(TRITON_DEVICE):
@@ -92,8 +93,51 @@ def test_triton_every_tuning_config(index, monkeypatch):
         _check_triton_kernels(_split_case(multi=False), num_splits=1, seed=8)
         for num_splits in (1, 2):
             _check_triton_kernels(_split_case(multi=True), num_splits=num_splits, seed=9)
-    except triton.runtime.errors.OutOfResources as error:  # the autotuner would skip it too
+    except triton.runtime.errors.OutOfResources as error:  # pruned from this GPU's list
         pytest.skip(f"config {index} does not fit this GPU: {error}")
+
+
+TF32_CASES = [_split_case(multi=False), _split_case(multi=True),
+              Case(B=2, H=2, Nq=20, D=32, shapes=[(9, 11)], mask="empty_batch", outside=True, layout="strided")]
+
+
+@pytest.mark.parametrize("case", TF32_CASES, ids=str)
+def test_triton_float32_follows_the_matmul_precision(case):
+    """float32 products follow PyTorch's setting (smca_kernels.triton._common.allow_tf32): with
+    fp32_precision "tf32" the kernels multiply in TF32, judged by the reference run in TF32
+    (helpers.TF32Matmuls), forward and every gradient, and their output moves from the IEEE one by
+    far more than float32 rounding (TF32 was used); with "ieee" they are float32-exact (the float32
+    rule). Under the interpreter TF32 is the GPU's operand cut (interpreter_fixes)."""
+    generator = torch.Generator().manual_seed(21)
+    inputs = make_inputs(case, generator)
+    grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
+    results = {}
+    for precision in ("ieee", "tf32"):
+        exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, torch.float32, "cpu",
+                                                       tf32=precision == "tf32")
+        with matmul_precision(precision):
+            t = leaves(inputs, torch.float32, TRITON_DEVICE)
+            results[precision] = device_kernel_results(*_triton_kernels(1), case, t, grad_out)[:2]
+        assert_within_reference_error(torch.float32, *results[precision], exact, exact_g, ref, ref_g)
+    assert relative_error(results["tf32"][0], results["ieee"][0]) > 10 * TOLERANCE[torch.float32], "TF32 unused"
+
+
+def test_triton_dot_precision_reads_the_setting():
+    from smca_kernels.triton._common import allow_tf32, dot_precision
+
+    for setting, tf32 in (("ieee", False), ("tf32", True)):
+        with matmul_precision(setting):
+            assert allow_tf32() is tf32
+            assert dot_precision(torch.float32) == ("tf32" if tf32 else "ieee")
+            assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"  # ignored by 16-bit
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the Triton interpreter's arithmetic")
@@ -130,6 +174,32 @@ def test_interpreter_bfloat16_arithmetic_is_the_gpus():
     assert torch.equal(y.isnan(), expected.isnan())
     assert torch.equal(y[~y.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
     torch.testing.assert_close(c, a.float() @ b.bfloat16().float(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the Triton interpreter's arithmetic")
+def test_interpreter_tf32_dot_is_the_gpus():
+    """Under the interpreter a float32 tl.dot with input_precision="tf32" multiplies the operands
+    cut to TF32 (the 13 low mantissa bits cleared), and "ieee" multiplies them as they are."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot(a_ptr, b_ptr, c_ptr, M: tl.constexpr, PRECISION: tl.constexpr):
+        tile = tl.arange(0, M)[:, None] * M + tl.arange(0, M)[None, :]
+        tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile), input_precision=PRECISION))
+
+    generator = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(16, 16, generator=generator) for _ in range(2))
+    a[0, :3] = torch.tensor([float("inf"), float("nan"), 1 + 2.0**-11 + 2.0**-20])
+    a_cut, b_cut = ((t.view(torch.int32) & ~0x1FFF).view(torch.float32) for t in (a, b))
+    assert a_cut[0, 2].item() == 1.0  # cut toward zero
+    results = {}
+    for precision, (x, y) in (("tf32", (a_cut, b_cut)), ("ieee", (a, b))):
+        results[precision] = torch.empty(16, 16)
+        dot[(1,)](a, b, results[precision], M=16, PRECISION=precision)
+        expected = (x.double() @ y.double()).float()
+        torch.testing.assert_close(results[precision], expected, rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert relative_error(results["tf32"][1:], results["ieee"][1:]) > 1e-5  # the cut is visible
 
 
 def _triton_args(**changes):

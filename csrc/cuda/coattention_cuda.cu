@@ -7,12 +7,25 @@
 // list; 1-D blocks (threadIdx.x); shared memory only through the one dynamic `smem` declaration;
 // __syncthreads and __shfl_xor_sync (every lane calling) as the only synchronisation, no
 // atomics; the CUDA includes, host calls and device guard line it replaces, verbatim; the CUDA
-// registration block last. A rewrite that finds nothing fails the tests. (This comment avoids
-// the rewritten texts themselves.)
+// registration block last; inline PTX only inside the wrappers under `#ifndef
+// SMCA_CUDA_EMULATION` (the emulation defines the macro and brings its own mma and tf32
+// rounding). A rewrite that finds nothing fails the tests. (This comment avoids the rewritten
+// texts themselves.)
 //
 // Flash-style, fp32 accumulation, fp32 coordinates; q/k/v in float32, float16 or bfloat16.
-// Tiles live in shared memory as fp32 and are multiplied with plain FMA loops: simple and exact
-// enough to be checked against the reference, not tensor-core fast.
+// Every matrix product of a tile kernel is a warp product (warp_product below): a warp owns 16
+// rows of the tile and computes them in the C fragment layout of mma.sync m16n8 (PTX ISA,
+// "Matrix fragments for mma.m16n8k16"): lane l holds rows l/4 and l/4 + 8 and, in each group of
+// 8 columns, columns 2 (l%4) and 2 (l%4) + 1. Both operands come from shared memory, held in
+// the input dtype; the product runs
+//   - for float16 / bfloat16 on tensor cores, mma.m16n8k16 with fp32 accumulation;
+//   - for float32 when torch allows TF32 for CUDA matmuls (fp32_precision "tf32", e.g.
+//     torch.set_float32_matmul_precision("high"); read on the host at every call) on tensor
+//     cores, mma.m16n8k8.tf32, operands rounded with cvt.rna.tf32.f32;
+//   - for float32 otherwise ("ieee") as exact fp32 FFMA loops that give the same fragments.
+// P and dS, the left operands of the second products, go through shared memory in the input
+// dtype, so for 16-bit inputs they are rounded to it (as flash attention does); softmax
+// statistics, dS, the moments and every accumulator stay fp32.
 //
 // Forward:  forward_kernel        a block per (b*h, query tile, key split); for every level, an
 //                                 online softmax over the split's key tiles of that level; writes
@@ -31,10 +44,12 @@
 // all levels are numbered one after the other ("flattened tiles"); a key split is a contiguous
 // range of flattened tiles, so it may cover the end of one level and the start of the next.
 //
-// Every tile kernel runs 16 x 16 threads: thread (ty, tx) owns the tile rows ty + 16 a and the
-// columns tx + 16 n (and the head-dim columns tx + 16 e of the accumulators). The 16 threads of
-// a row are one half of a warp, so row reductions are four xor-shuffles. Shared-memory rows are
-// padded by one float so that column-wise reads hit distinct banks.
+// A tile kernel runs one warp per 16 tile rows (query rows in forward and dQ, key rows in
+// dK/dV): 4 warps for 64 rows, 2 for 32. Row reductions (max, sum, the moments) are over the 4
+// lanes of a quad: two xor-shuffles. Shared-memory rows are padded by 16 bytes, so that the
+// fragment loads of a warp hit distinct banks. The tile kernels declare at least one block per
+// SM in __launch_bounds__: with the thread count alone, ptxas (CUDA 13) caps the registers for
+// occupancy (128 or 168) and spills.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -57,8 +72,7 @@
 namespace smca {
 namespace {
 
-constexpr int kGrid = 16;                  // threads along each axis of a tile
-constexpr int kThreads = kGrid * kGrid;    // threads of every tile kernel
+constexpr int kWarpRows = 16;              // tile rows owned by a warp (the mma's M)
 constexpr int kElementwiseThreads = 256;   // threads of the combine / reduce / preprocess kernels
 constexpr int kMaxLevels = 32;             // levels carried by value in the kernel arguments
 constexpr int kMaxSplits = 16;
@@ -66,8 +80,20 @@ constexpr int kMaxSplits = 16;
 // sum_j dS_j w_j (w = dx, dx^2, dy, dy^2), sum_j dS_j, sum_j P_j w_j (see backward_dq_reduce).
 constexpr int kMoments = 9;
 
-// Tile sizes per head dim. Shared memory per block stays under 99 KB (the limit of sm_86/89),
-// hence the smaller tiles for the larger head dims.
+// Threads of a tile kernel whose tile has `rows` rows: a warp per 16.
+constexpr int tile_threads(int rows) { return rows / kWarpRows * 32; }
+
+// Shared-memory tiles hold scalar_t; a row of n elements is padded to n + tile_pad<scalar_t>
+// (16 bytes), which keeps rows 4-byte aligned and spreads a fragment load over all banks.
+template <typename scalar_t>
+constexpr int tile_pad = 16 / static_cast<int>(sizeof(scalar_t));
+// Shared memory per key of a tile for its cell and mask (tile_key_positions).
+constexpr size_t kKeyBytes = 2 * sizeof(float) + sizeof(bool);
+// The most dynamic shared memory a block may use on sm_86/89 (sm_80: 163 KB, sm_90: 227 KB).
+constexpr size_t kMaxSharedBytes = 99 * 1024;
+
+// Tile sizes per head dim. Shared memory per block stays under 99 KB (the limit of sm_86/89)
+// for float32 (16-bit tiles take half), hence the smaller tiles for the larger head dims.
 template <int D>
 struct Tiles {
   static_assert(D == 16 || D == 32 || D == 64 || D == 128, "head dim must be 16, 32, 64 or 128");
@@ -108,22 +134,159 @@ LevelTable make_level_table(c10::IntArrayRef spatial_shapes, int block_n) {
 // ------------------------------------------------------------------------------------------
 // Device helpers
 
-// Copies rows [row0, row0 + ROWS) of a row-major (num_rows, D) matrix into a (ROWS, D + 1)
-// fp32 tile, zeros past row_end. With row_scale, matrix row `row` is multiplied by
-// row_scale[row * scale_stride] (one level's alpha: g_s = alpha_s * grad_out).
-template <int ROWS, int D, typename scalar_t>
-__device__ __forceinline__ void load_tile(float* tile, const scalar_t* __restrict__ src,
+// Copies rows [row0, row0 + ROWS) of a row-major (num_rows, D) matrix into a (ROWS, LD) tile
+// of the same dtype, zeros past row_end. With row_scale, matrix row `row` is multiplied by
+// row_scale[row * scale_stride] in fp32 and rounded back (one level's alpha: g_s = alpha_s *
+// grad_out).
+template <int ROWS, int D, int LD, int THREADS, typename scalar_t>
+__device__ __forceinline__ void load_tile(scalar_t* tile, const scalar_t* __restrict__ src,
                                           int row0, int row_end,
                                           const float* __restrict__ row_scale = nullptr,
                                           int scale_stride = 0) {
-  for (int idx = threadIdx.x; idx < ROWS * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * D; idx += THREADS) {
     const int r = idx / D, d = idx % D, row = row0 + r;
-    float value = 0.f;
+    scalar_t value = static_cast<scalar_t>(0.f);
     if (row < row_end) {
-      value = static_cast<float>(src[static_cast<int64_t>(row) * D + d]);
-      if (row_scale != nullptr) value *= row_scale[static_cast<int64_t>(row) * scale_stride];
+      value = src[static_cast<int64_t>(row) * D + d];
+      if (row_scale != nullptr)
+        value = static_cast<scalar_t>(static_cast<float>(value) *
+                                      row_scale[static_cast<int64_t>(row) * scale_stride]);
     }
-    tile[r * (D + 1) + d] = value;
+    tile[r * LD + d] = value;
+  }
+}
+
+// ---- Warp products -------------------------------------------------------------------------
+// The tensor-core instructions, one wrapper each (the emulation provides its own, from the
+// fragment tables of the PTX ISA). d += a b for one 16 x 8 tile; a, b, d in the fragment layout
+// of mma.m16n8k16 (16-bit a, b: two elements a register, the lower index in the lower half)
+// or mma.m16n8k8.tf32.
+#ifndef SMCA_CUDA_EMULATION
+template <typename scalar_t>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "mma_m16n8k16: float16 or bfloat16");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// float32 -> tf32 (round to nearest, ties away from zero), as the bits of a float.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
+  return bits;
+}
+#endif  // SMCA_CUDA_EMULATION
+
+// How a tile kernel multiplies: tensor cores for 16-bit inputs, TF32 tensor cores for float32
+// when allowed, else fp32 FFMA.
+enum class Math { kMma16, kTf32, kFfma };
+
+template <typename scalar_t, bool kTf32>
+constexpr Math math_of() {
+  if constexpr (!std::is_same_v<scalar_t, float>) return Math::kMma16;
+  return kTf32 ? Math::kTf32 : Math::kFfma;
+}
+
+// Two adjacent 16-bit elements (the first at an even index of a 4-byte aligned row) as the
+// register of an mma operand.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t load_pair(const scalar_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+// Two 16-bit elements, lo in the lower half.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack_pair(scalar_t lo, scalar_t hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+// acc[j] += (A B)[16 rows, columns 8 j .. 8 j + 7] for j < NT, over k < K: the warp's rows in
+// the C fragment layout (acc[j][0..1]: row lane/4, columns 8 j + 2 (lane%4) + {0, 1};
+// acc[j][2..3]: the same columns of row lane/4 + 8). A is row-major in shared memory, row r at
+// a[r * lda]. B is given transposed (kBT: B[k][n] = b[n * ldb + k], e.g. K for Q K^T) or as it
+// is (B[k][n] = b[k * ldb + n], e.g. V for P V). Every lane of the warp must call.
+template <Math M, int K, int NT, bool kBT, typename T>
+__device__ __forceinline__ void warp_product(float (&acc)[NT][4], const T* a, int lda, const T* b,
+                                             int ldb) {
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  if constexpr (M == Math::kMma16) {
+    static_assert(K % 16 == 0, "warp_product: K must be a multiple of 16");
+#pragma unroll
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      const T* a_lo = a + group * lda + k0 + 2 * quad;
+      const T* a_hi = a_lo + 8 * lda;
+      const uint32_t af[4] = {load_pair(a_lo), load_pair(a_hi), load_pair(a_lo + 8),
+                              load_pair(a_hi + 8)};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t bf[2];
+        if constexpr (kBT) {
+          const T* col = b + (8 * j + group) * ldb + k0 + 2 * quad;
+          bf[0] = load_pair(col);
+          bf[1] = load_pair(col + 8);
+        } else {
+          const T* col = b + (k0 + 2 * quad) * ldb + 8 * j + group;
+          bf[0] = pack_pair(col[0], col[ldb]);
+          bf[1] = pack_pair(col[8 * ldb], col[9 * ldb]);
+        }
+        mma_m16n8k16<T>(acc[j], af, bf);
+      }
+    }
+  } else if constexpr (M == Math::kTf32) {
+    static_assert(K % 8 == 0, "warp_product: K must be a multiple of 8");
+#pragma unroll
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      const T* a_lo = a + group * lda + k0 + quad;
+      const T* a_hi = a_lo + 8 * lda;
+      const uint32_t af[4] = {to_tf32(a_lo[0]), to_tf32(a_hi[0]), to_tf32(a_lo[4]),
+                              to_tf32(a_hi[4])};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t bf[2];
+        if constexpr (kBT) {
+          const T* col = b + (8 * j + group) * ldb + k0 + quad;
+          bf[0] = to_tf32(col[0]);
+          bf[1] = to_tf32(col[4]);
+        } else {
+          const T* col = b + (k0 + quad) * ldb + 8 * j + group;
+          bf[0] = to_tf32(col[0]);
+          bf[1] = to_tf32(col[4 * ldb]);
+        }
+        mma_m16n8k8_tf32(acc[j], af, bf);
+      }
+    }
+  } else {  // fp32 FFMA, the same fragments
+#pragma unroll 4
+    for (int k = 0; k < K; ++k) {
+      const float a_lo = a[group * lda + k], a_hi = a[(group + 8) * lda + k];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = 8 * j + 2 * quad;
+        const float b0 = kBT ? b[n * ldb + k] : b[k * ldb + n];
+        const float b1 = kBT ? b[(n + 1) * ldb + k] : b[k * ldb + n + 1];
+        acc[j][0] += a_lo * b0;
+        acc[j][1] += a_lo * b1;
+        acc[j][2] += a_hi * b0;
+        acc[j][3] += a_hi * b1;
+      }
+    }
   }
 }
 
@@ -141,41 +304,41 @@ __device__ __forceinline__ float dropout_factor(uint64_t seed, int64_t offset, f
   return philox_uniform(seed, static_cast<uint64_t>(offset)) >= dropout_p ? inv_keep : 0.f;
 }
 
-// Max / sum over the 16 threads of a tile row (one half warp; every lane must call).
-__device__ __forceinline__ float row_max(float x) {
-#pragma unroll
-  for (int offset = kGrid / 2; offset > 0; offset /= 2)
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
+// Max / sum over the 4 lanes of a quad, which hold one fragment row (every lane must call).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
-__device__ __forceinline__ float row_sum(float x) {
-#pragma unroll
-  for (int offset = kGrid / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Grid cell of the keys a thread owns in one key tile: keys j = k0 + first + 16 n (first is
-// the thread's tx or ty) of a level that spans keys [start, end) and is `width` cells wide.
+// Grid cell of key j of a level that spans keys [start, end) and is `width` cells wide;
 // ok = inside the level and not padding-masked.
-template <int RN>
-__device__ __forceinline__ void key_positions(int k0, int start, int end, int width,
-                                              const bool* __restrict__ mask, int first,
-                                              float (&x)[RN], float (&y)[RN], bool (&ok)[RN]) {
-#pragma unroll
-  for (int n = 0; n < RN; ++n) {
-    const int j = k0 + first + kGrid * n;
-    const int cell = j - start;
-    x[n] = static_cast<float>(cell % width);
-    y[n] = static_cast<float>(cell / width);
-    ok[n] = j < end && (mask == nullptr || !mask[j]);
-  }
+__device__ __forceinline__ void key_position(int j, int start, int end, int width,
+                                             const bool* __restrict__ mask, float& x, float& y,
+                                             bool& ok) {
+  const int cell = j - start;
+  x = static_cast<float>(cell % width);
+  y = static_cast<float>(cell / width);
+  ok = j < end && (mask == nullptr || !mask[j]);
+}
+
+// key_position of the keys k0 .. k0 + BN - 1 of a tile, into shared memory.
+template <int BN, int THREADS>
+__device__ __forceinline__ void tile_key_positions(int k0, int start, int end, int width,
+                                                   const bool* __restrict__ mask, float* x,
+                                                   float* y, bool* ok) {
+  for (int c = threadIdx.x; c < BN; c += THREADS)
+    key_position(k0 + c, start, end, width, mask, x[c], y[c], ok[c]);
 }
 
 // ------------------------------------------------------------------------------------------
 // Forward
 
-template <typename scalar_t, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) forward_kernel(
+template <typename scalar_t, bool kTf32, int D, int BM, int BN>
+__global__ void __launch_bounds__(tile_threads(BM), 1) forward_kernel(
     const scalar_t* __restrict__ q,            // (B*H, Nq, D)
     const scalar_t* __restrict__ k,            // (B*H, L, D)
     const scalar_t* __restrict__ v,            // (B*H, L, D)
@@ -187,14 +350,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     float* __restrict__ acc_part,              // (splits, B*H*Nq, S, D) sum_j exp(S_ij - m) z_ij v_j
     const LevelTable levels, const int H, const int Nq, const int L, const int num_q_tiles,
     const float scale, const float dropout_p, const uint64_t seed) {
-  constexpr int RM = BM / kGrid, RN = BN / kGrid, RD = D / kGrid, LD = D + 1, LP = BN + 1;
+  constexpr Math kMath = math_of<scalar_t, kTf32>();
+  constexpr int THREADS = tile_threads(BM), NK = BN / 8, ND = D / 8;
+  constexpr int LD = D + tile_pad<scalar_t>, LP = BN + tile_pad<scalar_t>;
   extern __shared__ float smem[];
-  float* q_tile = smem;               // (BM, D+1)
-  float* k_tile = q_tile + BM * LD;   // (BN, D+1)
-  float* v_tile = k_tile + BN * LD;   // (BN, D+1)
-  float* p_tile = v_tile + BN * LD;   // (BM, BN+1) dropped probabilities of the current step
+  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem);  // (BM, LD)
+  scalar_t* k_tile = q_tile + BM * LD;                   // (BN, LD)
+  scalar_t* v_tile = k_tile + BN * LD;                   // (BN, LD)
+  scalar_t* p_tile = v_tile + BN * LD;                   // (BM, LP) dropped P of the step, rounded
+  float* key_x = reinterpret_cast<float*>(p_tile + BM * LP);  // (BN) the step's key cells
+  float* key_y = key_x + BN;                                  // (BN)
+  bool* key_ok = reinterpret_cast<bool*>(key_y + BN);         // (BN) in the level, not padded
 
-  const int tx = threadIdx.x % kGrid, ty = threadIdx.x / kGrid;
+  const int warp = threadIdx.x / 32, group = threadIdx.x % 32 / 4, quad = threadIdx.x % 4;
+  const int row = kWarpRows * warp + group;  // the lane's tile rows: row, row + 8
   const int bh = blockIdx.x / num_q_tiles, q0 = (blockIdx.x % num_q_tiles) * BM;
   const int split = blockIdx.y, num_splits = gridDim.y;
   const int S = levels.num_levels;
@@ -207,23 +376,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   const scalar_t* k_bh = k + static_cast<int64_t>(bh) * L * D;
   const scalar_t* v_bh = v + static_cast<int64_t>(bh) * L * D;
 
-  load_tile<BM, D>(q_tile, q + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
+  load_tile<BM, D, LD, THREADS>(q_tile, q + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
 
   for (int s = 0; s < S; ++s) {
-    // Per-row state of this level: Gaussian parameters, running max m, sum l, accumulator.
-    float cx[RM], cy[RM], px[RM], py[RM], m[RM], l[RM], acc[RM][RD];
+    // Per-row state of this level (rows row + 8 h): Gaussian parameters, running max m, sum
+    // l; the accumulator in fragments over the head dim.
+    float cx[2], cy[2], px[2], py[2], m[2], l[2], acc[ND][4] = {};
 #pragma unroll
-    for (int a = 0; a < RM; ++a) {
-      const int i = q0 + ty + kGrid * a;
+    for (int h = 0; h < 2; ++h) {
+      const int i = q0 + row + 8 * h;
       const int64_t c = i < Nq ? ((static_cast<int64_t>(bh) * Nq + i) * S + s) * 2 : -1;
-      cx[a] = c >= 0 ? centers[c] : 0.f;
-      cy[a] = c >= 0 ? centers[c + 1] : 0.f;
-      px[a] = c >= 0 ? precision[c] : 0.f;
-      py[a] = c >= 0 ? precision[c + 1] : 0.f;
-      m[a] = -INFINITY;
-      l[a] = 0.f;
-#pragma unroll
-      for (int e = 0; e < RD; ++e) acc[a][e] = 0.f;
+      cx[h] = c >= 0 ? centers[c] : 0.f;
+      cy[h] = c >= 0 ? centers[c + 1] : 0.f;
+      px[h] = c >= 0 ? precision[c] : 0.f;
+      py[h] = c >= 0 ? precision[c + 1] : 0.f;
+      m[h] = -INFINITY;
+      l[h] = 0.f;
     }
     const int level_first = levels.tile_begin[s];
     const int t_begin = max(split_begin, level_first);
@@ -233,89 +401,75 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     for (int t = t_begin; t < t_end; ++t) {
       const int k0 = start + (t - level_first) * BN;
       __syncthreads();  // the previous step is done reading k/v/p tiles
-      load_tile<BN, D>(k_tile, k_bh, k0, end);
-      load_tile<BN, D>(v_tile, v_bh, k0, end);
+      load_tile<BN, D, LD, THREADS>(k_tile, k_bh, k0, end);
+      load_tile<BN, D, LD, THREADS>(v_tile, v_bh, k0, end);
+      tile_key_positions<BN, THREADS>(k0, start, end, width, mask, key_x, key_y, key_ok);
       __syncthreads();
 
-      float kx[RN], ky[RN];
-      bool key_ok[RN];
-      key_positions<RN>(k0, start, end, width, mask, tx, kx, ky, key_ok);
+      float sc[NK][4] = {};  // <q_i, k_j>, then S_ij
+      warp_product<kMath, D, NK, true>(sc, q_tile + kWarpRows * warp * LD, LD, k_tile, LD);
 
-      float sc[RM][RN] = {};
-#pragma unroll 4
-      for (int d = 0; d < D; ++d) {
-        float qd[RM], kd[RN];
+      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int a = 0; a < RM; ++a) qd[a] = q_tile[(ty + kGrid * a) * LD + d];
+      for (int j = 0; j < NK; ++j)
 #pragma unroll
-        for (int n = 0; n < RN; ++n) kd[n] = k_tile[(tx + kGrid * n) * LD + d];
-#pragma unroll
-        for (int a = 0; a < RM; ++a)
-#pragma unroll
-          for (int n = 0; n < RN; ++n) sc[a][n] += qd[a] * kd[n];
-      }
-
-#pragma unroll
-      for (int a = 0; a < RM; ++a) {
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < RN; ++n) {
-          sc[a][n] = key_ok[n] ? score(sc[a][n], scale, kx[n] - cx[a], ky[n] - cy[a], px[a], py[a])
-                               : -INFINITY;
-          tile_max = fmaxf(tile_max, sc[a][n]);
+        for (int c = 0; c < 4; ++c) {
+          const int h = c / 2, col = 8 * j + 2 * quad + c % 2;
+          sc[j][c] = key_ok[col] ? score(sc[j][c], scale, key_x[col] - cx[h], key_y[col] - cy[h],
+                                         px[h], py[h])
+                                 : -INFINITY;
+          tile_max[h] = fmaxf(tile_max[h], sc[j][c]);
         }
-        const float m_new = fmaxf(m[a], row_max(tile_max));
-        // While every key so far is masked, m_new is -inf: subtract 0 instead to avoid inf - inf.
-        const float m_ref = m_new == -INFINITY ? 0.f : m_new;
-        const float correction = __expf(m[a] - m_ref);
-        const int i = q0 + ty + kGrid * a;
-        float sum = 0.f;
+      float m_ref[2], correction[2], sum[2] = {0.f, 0.f};
 #pragma unroll
-        for (int n = 0; n < RN; ++n) {
-          float p = __expf(sc[a][n] - m_ref);  // 0 for masked keys
-          sum += p;                            // softmax statistics use the undropped P
+      for (int h = 0; h < 2; ++h) {
+        const float m_new = fmaxf(m[h], quad_max(tile_max[h]));
+        // While every key so far is masked, m_new is -inf: subtract 0 instead to avoid inf - inf.
+        m_ref[h] = m_new == -INFINITY ? 0.f : m_new;
+        correction[h] = __expf(m[h] - m_ref[h]);
+        m[h] = m_new;
+      }
+#pragma unroll
+      for (int j = 0; j < NK; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c / 2, col = 8 * j + 2 * quad + c % 2;
+          float p = __expf(sc[j][c] - m_ref[h]);  // 0 for masked keys
+          sum[h] += p;                            // softmax statistics use the undropped P
           if (dropout_p > 0.f && p > 0.f) {
-            const int64_t offset =
-                (static_cast<int64_t>(bh) * Nq + i) * L + (k0 + tx + kGrid * n);
+            const int64_t offset = (static_cast<int64_t>(bh) * Nq + q0 + row + 8 * h) * L + (k0 + col);
             p *= dropout_factor(seed, offset, dropout_p, inv_keep);
           }
-          p_tile[(ty + kGrid * a) * LP + tx + kGrid * n] = p;
+          p_tile[(row + 8 * h) * LP + col] = static_cast<scalar_t>(p);
         }
-        l[a] = l[a] * correction + row_sum(sum);
-        m[a] = m_new;
 #pragma unroll
-        for (int e = 0; e < RD; ++e) acc[a][e] *= correction;
-      }
+      for (int h = 0; h < 2; ++h) l[h] = l[h] * correction[h] + quad_sum(sum[h]);
+#pragma unroll
+      for (int j = 0; j < ND; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[j][c] *= correction[c / 2];
       __syncthreads();
 
       // acc += P V over the step's keys (rows of v_tile past the level are zeros, P is 0 there).
-#pragma unroll 4
-      for (int j = 0; j < BN; ++j) {
-        float vd[RD];
-#pragma unroll
-        for (int e = 0; e < RD; ++e) vd[e] = v_tile[j * LD + tx + kGrid * e];
-#pragma unroll
-        for (int a = 0; a < RM; ++a) {
-          const float p = p_tile[(ty + kGrid * a) * LP + j];
-#pragma unroll
-          for (int e = 0; e < RD; ++e) acc[a][e] += p * vd[e];
-        }
-      }
+      warp_product<kMath, BN, ND, false>(acc, p_tile + kWarpRows * warp * LP, LP, v_tile, LD);
     }
 
     // This split's partial result for level s (m = -inf, l = 0, acc = 0 when it has no key
     // of the level or all of them are masked).
 #pragma unroll
-    for (int a = 0; a < RM; ++a) {
-      const int i = q0 + ty + kGrid * a;
+    for (int h = 0; h < 2; ++h) {
+      const int i = q0 + row + 8 * h;
       if (i >= Nq) continue;
       const int64_t part = (split * num_rows + static_cast<int64_t>(bh) * Nq + i) * S + s;
-      if (tx == 0) {
-        m_part[part] = m[a];
-        l_part[part] = l[a];
+      if (quad == 0) {
+        m_part[part] = m[h];
+        l_part[part] = l[h];
       }
 #pragma unroll
-      for (int e = 0; e < RD; ++e) acc_part[part * D + tx + kGrid * e] = acc[a][e];
+      for (int j = 0; j < ND; ++j) {
+        acc_part[part * D + 8 * j + 2 * quad] = acc[j][2 * h];
+        acc_part[part * D + 8 * j + 2 * quad + 1] = acc[j][2 * h + 1];
+      }
     }
   }
 }
@@ -395,8 +549,8 @@ __global__ void backward_preprocess_kernel(
 }
 
 // dq and the row sums of dS * (dx, dx^2, dy, dy^2) over one split of the keys.
-template <typename scalar_t, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) backward_dq_kernel(
+template <typename scalar_t, bool kTf32, int D, int BM, int BN>
+__global__ void __launch_bounds__(tile_threads(BM), 1) backward_dq_kernel(
     const scalar_t* __restrict__ q,            // (B*H, Nq, D)
     const scalar_t* __restrict__ k,            // (B*H, L, D)
     const scalar_t* __restrict__ v,            // (B*H, L, D)
@@ -411,15 +565,21 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
     float* __restrict__ rowsum_part,           // (splits, B*H*Nq, S, kMoments)
     const LevelTable levels, const int H, const int Nq, const int L, const int num_q_tiles,
     const float scale, const float dropout_p, const uint64_t seed) {
-  constexpr int RM = BM / kGrid, RN = BN / kGrid, RD = D / kGrid, LD = D + 1, LP = BN + 1;
+  constexpr Math kMath = math_of<scalar_t, kTf32>();
+  constexpr int THREADS = tile_threads(BM), NK = BN / 8, ND = D / 8;
+  constexpr int LD = D + tile_pad<scalar_t>, LP = BN + tile_pad<scalar_t>;
   extern __shared__ float smem[];
-  float* q_tile = smem;               // (BM, D+1)
-  float* do_tile = q_tile + BM * LD;  // (BM, D+1) grad_out (alpha is applied per row below)
-  float* k_tile = do_tile + BM * LD;  // (BN, D+1)
-  float* v_tile = k_tile + BN * LD;   // (BN, D+1)
-  float* ds_tile = v_tile + BN * LD;  // (BM, BN+1)
+  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem);  // (BM, LD)
+  scalar_t* do_tile = q_tile + BM * LD;  // (BM, LD) grad_out (alpha is applied per row below)
+  scalar_t* k_tile = do_tile + BM * LD;  // (BN, LD)
+  scalar_t* v_tile = k_tile + BN * LD;   // (BN, LD)
+  scalar_t* ds_tile = v_tile + BN * LD;  // (BM, LP) dS of the step, rounded
+  float* key_x = reinterpret_cast<float*>(ds_tile + BM * LP);  // (BN) the step's key cells
+  float* key_y = key_x + BN;                                   // (BN)
+  bool* key_ok = reinterpret_cast<bool*>(key_y + BN);          // (BN) in the level, not padded
 
-  const int tx = threadIdx.x % kGrid, ty = threadIdx.x / kGrid;
+  const int warp = threadIdx.x / 32, group = threadIdx.x % 32 / 4, quad = threadIdx.x % 4;
+  const int row = kWarpRows * warp + group;  // the lane's tile rows: row, row + 8
   const int bh = blockIdx.x / num_q_tiles, q0 = (blockIdx.x % num_q_tiles) * BM;
   const int split = blockIdx.y, num_splits = gridDim.y;
   const int S = levels.num_levels;
@@ -432,27 +592,27 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
   const scalar_t* k_bh = k + static_cast<int64_t>(bh) * L * D;
   const scalar_t* v_bh = v + static_cast<int64_t>(bh) * L * D;
 
-  load_tile<BM, D>(q_tile, q + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
-  load_tile<BM, D>(do_tile, grad_out + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
+  load_tile<BM, D, LD, THREADS>(q_tile, q + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
+  load_tile<BM, D, LD, THREADS>(do_tile, grad_out + static_cast<int64_t>(bh) * Nq * D, q0, Nq);
 
-  float dq[RM][RD] = {};
+  float dq[ND][4] = {};
   for (int s = 0; s < S; ++s) {
-    float cx[RM], cy[RM], px[RM], py[RM], alpha_s[RM], lse_s[RM], delta_s[RM], sums[RM][kMoments];
-    bool row_ok[RM];
+    float cx[2], cy[2], px[2], py[2], alpha_s[2], lse_s[2], delta_s[2], sums[2][kMoments];
+    bool row_ok[2];
 #pragma unroll
-    for (int a = 0; a < RM; ++a) {
-      const int i = q0 + ty + kGrid * a;
-      row_ok[a] = i < Nq;
-      const int64_t rs = row_ok[a] ? (static_cast<int64_t>(bh) * Nq + i) * S + s : 0;
-      cx[a] = row_ok[a] ? centers[2 * rs] : 0.f;
-      cy[a] = row_ok[a] ? centers[2 * rs + 1] : 0.f;
-      px[a] = row_ok[a] ? precision[2 * rs] : 0.f;
-      py[a] = row_ok[a] ? precision[2 * rs + 1] : 0.f;
-      alpha_s[a] = row_ok[a] && alpha != nullptr ? alpha[rs] : 1.f;
-      lse_s[a] = row_ok[a] ? lse[rs] : INFINITY;
-      delta_s[a] = row_ok[a] ? delta[rs] : 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const int i = q0 + row + 8 * h;
+      row_ok[h] = i < Nq;
+      const int64_t rs = row_ok[h] ? (static_cast<int64_t>(bh) * Nq + i) * S + s : 0;
+      cx[h] = row_ok[h] ? centers[2 * rs] : 0.f;
+      cy[h] = row_ok[h] ? centers[2 * rs + 1] : 0.f;
+      px[h] = row_ok[h] ? precision[2 * rs] : 0.f;
+      py[h] = row_ok[h] ? precision[2 * rs + 1] : 0.f;
+      alpha_s[h] = row_ok[h] && alpha != nullptr ? alpha[rs] : 1.f;
+      lse_s[h] = row_ok[h] ? lse[rs] : INFINITY;
+      delta_s[h] = row_ok[h] ? delta[rs] : 0.f;
 #pragma unroll
-      for (int c = 0; c < kMoments; ++c) sums[a][c] = 0.f;
+      for (int c = 0; c < kMoments; ++c) sums[h][c] = 0.f;
     }
     const int level_first = levels.tile_begin[s];
     const int t_begin = max(split_begin, level_first);
@@ -462,90 +622,55 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
     for (int t = t_begin; t < t_end; ++t) {
       const int k0 = start + (t - level_first) * BN;
       __syncthreads();  // the previous step is done reading k/v/ds tiles
-      load_tile<BN, D>(k_tile, k_bh, k0, end);
-      load_tile<BN, D>(v_tile, v_bh, k0, end);
+      load_tile<BN, D, LD, THREADS>(k_tile, k_bh, k0, end);
+      load_tile<BN, D, LD, THREADS>(v_tile, v_bh, k0, end);
+      tile_key_positions<BN, THREADS>(k0, start, end, width, mask, key_x, key_y, key_ok);
       __syncthreads();
 
-      float kx[RN], ky[RN];
-      bool key_ok[RN];
-      key_positions<RN>(k0, start, end, width, mask, tx, kx, ky, key_ok);
-
-      float qk[RM][RN] = {}, gv[RM][RN] = {};  // <q_i, k_j>, <grad_out_i, v_j>
-#pragma unroll 4
-      for (int d = 0; d < D; ++d) {
-        float qd[RM], gd[RM], kd[RN], vd[RN];
-#pragma unroll
-        for (int a = 0; a < RM; ++a) {
-          qd[a] = q_tile[(ty + kGrid * a) * LD + d];
-          gd[a] = do_tile[(ty + kGrid * a) * LD + d];
-        }
-#pragma unroll
-        for (int n = 0; n < RN; ++n) {
-          kd[n] = k_tile[(tx + kGrid * n) * LD + d];
-          vd[n] = v_tile[(tx + kGrid * n) * LD + d];
-        }
-#pragma unroll
-        for (int a = 0; a < RM; ++a)
-#pragma unroll
-          for (int n = 0; n < RN; ++n) {
-            qk[a][n] += qd[a] * kd[n];
-            gv[a][n] += gd[a] * vd[n];
-          }
-      }
+      float qk[NK][4] = {}, gv[NK][4] = {};  // <q_i, k_j>, <grad_out_i, v_j>
+      warp_product<kMath, D, NK, true>(qk, q_tile + kWarpRows * warp * LD, LD, k_tile, LD);
+      warp_product<kMath, D, NK, true>(gv, do_tile + kWarpRows * warp * LD, LD, v_tile, LD);
 
 #pragma unroll
-      for (int a = 0; a < RM; ++a) {
-        const int i = q0 + ty + kGrid * a;
+      for (int j = 0; j < NK; ++j)
 #pragma unroll
-        for (int n = 0; n < RN; ++n) {
+        for (int c = 0; c < 4; ++c) {
+          const int h = c / 2, col = 8 * j + 2 * quad + c % 2;
           float ds = 0.f;
-          if (row_ok[a] && key_ok[n]) {
-            const float dx = kx[n] - cx[a], dy = ky[n] - cy[a];
-            const float p = __expf(score(qk[a][n], scale, dx, dy, px[a], py[a]) - lse_s[a]);
-            float dp = alpha_s[a] * gv[a][n];
+          if (row_ok[h] && key_ok[col]) {
+            const float dx = key_x[col] - cx[h], dy = key_y[col] - cy[h];
+            const float p = __expf(score(qk[j][c], scale, dx, dy, px[h], py[h]) - lse_s[h]);
+            float dp = alpha_s[h] * gv[j][c];
             if (dropout_p > 0.f) {
-              const int64_t offset =
-                  (static_cast<int64_t>(bh) * Nq + i) * L + (k0 + tx + kGrid * n);
+              const int64_t offset = (static_cast<int64_t>(bh) * Nq + q0 + row + 8 * h) * L + (k0 + col);
               dp *= dropout_factor(seed, offset, dropout_p, inv_keep);
             }
-            ds = p * (dp - delta_s[a]);
-            sums[a][0] += ds * dx;
-            sums[a][1] += ds * dx * dx;
-            sums[a][2] += ds * dy;
-            sums[a][3] += ds * dy * dy;
-            sums[a][4] += ds;
-            sums[a][5] += p * dx;
-            sums[a][6] += p * dx * dx;
-            sums[a][7] += p * dy;
-            sums[a][8] += p * dy * dy;
+            ds = p * (dp - delta_s[h]);
+            sums[h][0] += ds * dx;
+            sums[h][1] += ds * dx * dx;
+            sums[h][2] += ds * dy;
+            sums[h][3] += ds * dy * dy;
+            sums[h][4] += ds;
+            sums[h][5] += p * dx;
+            sums[h][6] += p * dx * dx;
+            sums[h][7] += p * dy;
+            sums[h][8] += p * dy * dy;
           }
-          ds_tile[(ty + kGrid * a) * LP + tx + kGrid * n] = ds;
+          ds_tile[(row + 8 * h) * LP + col] = static_cast<scalar_t>(ds);
         }
-      }
       __syncthreads();
 
       // dq += dS K over the step's keys.
-#pragma unroll 4
-      for (int j = 0; j < BN; ++j) {
-        float kd[RD];
-#pragma unroll
-        for (int e = 0; e < RD; ++e) kd[e] = k_tile[j * LD + tx + kGrid * e];
-#pragma unroll
-        for (int a = 0; a < RM; ++a) {
-          const float ds = ds_tile[(ty + kGrid * a) * LP + j];
-#pragma unroll
-          for (int e = 0; e < RD; ++e) dq[a][e] += ds * kd[e];
-        }
-      }
+      warp_product<kMath, BN, ND, false>(dq, ds_tile + kWarpRows * warp * LP, LP, k_tile, LD);
     }
 
 #pragma unroll
-    for (int a = 0; a < RM; ++a) {
+    for (int h = 0; h < 2; ++h) {
       float total[kMoments];
 #pragma unroll
-      for (int c = 0; c < kMoments; ++c) total[c] = row_sum(sums[a][c]);
-      if (row_ok[a] && tx == 0) {
-        const int64_t part = (split * num_rows + static_cast<int64_t>(bh) * Nq + q0 + ty + kGrid * a) * S + s;
+      for (int c = 0; c < kMoments; ++c) total[c] = quad_sum(sums[h][c]);
+      if (row_ok[h] && quad == 0) {
+        const int64_t part = (split * num_rows + static_cast<int64_t>(bh) * Nq + q0 + row + 8 * h) * S + s;
 #pragma unroll
         for (int c = 0; c < kMoments; ++c) rowsum_part[part * kMoments + c] = total[c];
       }
@@ -553,12 +678,15 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(
   }
 
 #pragma unroll
-  for (int a = 0; a < RM; ++a) {
-    const int i = q0 + ty + kGrid * a;
+  for (int h = 0; h < 2; ++h) {
+    const int i = q0 + row + 8 * h;
     if (i >= Nq) continue;
     const int64_t part = split * num_rows + static_cast<int64_t>(bh) * Nq + i;
 #pragma unroll
-    for (int e = 0; e < RD; ++e) dq_part[part * D + tx + kGrid * e] = scale * dq[a][e];
+    for (int j = 0; j < ND; ++j) {
+      dq_part[part * D + 8 * j + 2 * quad] = scale * dq[j][2 * h];
+      dq_part[part * D + 8 * j + 2 * quad + 1] = scale * dq[j][2 * h + 1];
+    }
   }
 }
 
@@ -603,9 +731,10 @@ __global__ void backward_dq_reduce_kernel(
 }
 
 // dk, dv of one tile of BN keys (inside one level), summed over every query tile.
-// Here the tile rows are keys (thread rows ty + 16 n) and the columns queries (tx + 16 m).
-template <typename scalar_t, int D, int BN, int BM>
-__global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(
+// Here the tile rows are keys (a warp per 16) and the columns queries: the products are
+// S^T = K Q^T, dP^T = V g^T, then dv += P^T g and dk += dS^T Q.
+template <typename scalar_t, bool kTf32, int D, int BN, int BM>
+__global__ void __launch_bounds__(tile_threads(BN), 1) backward_dkdv_kernel(
     const scalar_t* __restrict__ q,            // (B*H, Nq, D)
     const scalar_t* __restrict__ k,            // (B*H, L, D)
     const scalar_t* __restrict__ v,            // (B*H, L, D)
@@ -620,22 +749,25 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(
     scalar_t* __restrict__ grad_v,             // (B*H, L, D)
     const LevelTable levels, const int H, const int Nq, const int L, const int num_k_tiles,
     const float scale, const float dropout_p, const uint64_t seed) {
-  constexpr int RN = BN / kGrid, RM = BM / kGrid, RD = D / kGrid, LD = D + 1, LP = BM + 1;
+  constexpr Math kMath = math_of<scalar_t, kTf32>();
+  constexpr int THREADS = tile_threads(BN), NQ = BM / 8, ND = D / 8;
+  constexpr int LD = D + tile_pad<scalar_t>, LP = BM + tile_pad<scalar_t>;
   extern __shared__ float smem[];
-  float* k_tile = smem;                // (BN, D+1)
-  float* v_tile = k_tile + BN * LD;    // (BN, D+1)
-  float* q_tile = v_tile + BN * LD;    // (BM, D+1)
-  float* g_tile = q_tile + BM * LD;    // (BM, D+1) g_s = alpha_s * grad_out
-  float* p_tile = g_tile + BM * LD;    // (BN, BM+1) dropped P^T
-  float* ds_tile = p_tile + BN * LP;   // (BN, BM+1) dS^T
-  float* q_cx = ds_tile + BN * LP;     // (BM) per-query parameters of the step
+  scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem);  // (BN, LD)
+  scalar_t* v_tile = k_tile + BN * LD;    // (BN, LD)
+  scalar_t* q_tile = v_tile + BN * LD;    // (BM, LD)
+  scalar_t* g_tile = q_tile + BM * LD;    // (BM, LD) g_s = alpha_s * grad_out, rounded
+  scalar_t* p_tile = g_tile + BM * LD;    // (BN, LP) dropped P^T, rounded
+  scalar_t* ds_tile = p_tile + BN * LP;   // (BN, LP) dS^T, rounded
+  float* q_cx = reinterpret_cast<float*>(ds_tile + BN * LP);  // (BM) per-query parameters
   float* q_cy = q_cx + BM;
   float* q_px = q_cy + BM;
   float* q_py = q_px + BM;
   float* q_lse = q_py + BM;
   float* q_delta = q_lse + BM;
 
-  const int tx = threadIdx.x % kGrid, ty = threadIdx.x / kGrid;
+  const int warp = threadIdx.x / 32, group = threadIdx.x % 32 / 4, quad = threadIdx.x % 4;
+  const int row = kWarpRows * warp + group;  // the lane's key rows: row, row + 8
   const int bh = blockIdx.x / num_k_tiles, tile = blockIdx.x % num_k_tiles;
   const int S = levels.num_levels;
   int s = 0;
@@ -646,20 +778,22 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(
   const float inv_keep = 1.f / (1.f - dropout_p);
   const int64_t row0 = static_cast<int64_t>(bh) * Nq;  // first (b, h) row of (B*H*Nq, ...)
 
-  load_tile<BN, D>(k_tile, k + static_cast<int64_t>(bh) * L * D, k0, end);
-  load_tile<BN, D>(v_tile, v + static_cast<int64_t>(bh) * L * D, k0, end);
+  load_tile<BN, D, LD, THREADS>(k_tile, k + static_cast<int64_t>(bh) * L * D, k0, end);
+  load_tile<BN, D, LD, THREADS>(v_tile, v + static_cast<int64_t>(bh) * L * D, k0, end);
 
-  float kx[RN], ky[RN];
-  bool key_ok[RN];
-  key_positions<RN>(k0, start, end, width, mask, ty, kx, ky, key_ok);
+  float kx[2], ky[2];
+  bool key_ok[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    key_position(k0 + row + 8 * h, start, end, width, mask, kx[h], ky[h], key_ok[h]);
 
-  float dk[RN][RD] = {}, dv[RN][RD] = {};
+  float dk[ND][4] = {}, dv[ND][4] = {};
   for (int q0 = 0; q0 < Nq; q0 += BM) {
     __syncthreads();  // the previous step is done reading q/g/p/ds tiles (and k/v are loaded)
-    load_tile<BM, D>(q_tile, q + row0 * D, q0, Nq);
-    load_tile<BM, D>(g_tile, grad_out + row0 * D, q0, Nq,
-                     alpha != nullptr ? alpha + row0 * S + s : nullptr, S);
-    for (int r = threadIdx.x; r < BM; r += kThreads) {
+    load_tile<BM, D, LD, THREADS>(q_tile, q + row0 * D, q0, Nq);
+    load_tile<BM, D, LD, THREADS>(g_tile, grad_out + row0 * D, q0, Nq,
+                                  alpha != nullptr ? alpha + row0 * S + s : nullptr, S);
+    for (int r = threadIdx.x; r < BM; r += THREADS) {
       const int i = q0 + r;
       const int64_t rs = (row0 + i) * S + s;
       const bool ok = i < Nq;
@@ -672,91 +806,56 @@ __global__ void __launch_bounds__(kThreads) backward_dkdv_kernel(
     }
     __syncthreads();
 
-    float kq[RN][RM] = {}, vg[RN][RM] = {};  // <k_j, q_i>, <v_j, g_i>
-#pragma unroll 4
-    for (int d = 0; d < D; ++d) {
-      float kd[RN], vd[RN], qd[RM], gd[RM];
-#pragma unroll
-      for (int n = 0; n < RN; ++n) {
-        kd[n] = k_tile[(ty + kGrid * n) * LD + d];
-        vd[n] = v_tile[(ty + kGrid * n) * LD + d];
-      }
-#pragma unroll
-      for (int m = 0; m < RM; ++m) {
-        qd[m] = q_tile[(tx + kGrid * m) * LD + d];
-        gd[m] = g_tile[(tx + kGrid * m) * LD + d];
-      }
-#pragma unroll
-      for (int n = 0; n < RN; ++n)
-#pragma unroll
-        for (int m = 0; m < RM; ++m) {
-          kq[n][m] += qd[m] * kd[n];
-          vg[n][m] += gd[m] * vd[n];
-        }
-    }
+    float kq[NQ][4] = {}, vg[NQ][4] = {};  // <k_j, q_i>, <v_j, g_i>
+    warp_product<kMath, D, NQ, true>(kq, k_tile + kWarpRows * warp * LD, LD, q_tile, LD);
+    warp_product<kMath, D, NQ, true>(vg, v_tile + kWarpRows * warp * LD, LD, g_tile, LD);
 
 #pragma unroll
-    for (int m = 0; m < RM; ++m) {
-      const int ii = tx + kGrid * m, i = q0 + ii;
-      const float cx = q_cx[ii], cy = q_cy[ii], px = q_px[ii], py = q_py[ii];
-      const float lse_i = q_lse[ii], delta_i = q_delta[ii];
+    for (int j = 0; j < NQ; ++j)
 #pragma unroll
-      for (int n = 0; n < RN; ++n) {
+      for (int c = 0; c < 4; ++c) {
+        const int h = c / 2, ii = 8 * j + 2 * quad + c % 2, i = q0 + ii;
         float p = 0.f, ds = 0.f;
-        if (i < Nq && k0 + ty + kGrid * n < end) {
+        if (i < Nq && k0 + row + 8 * h < end) {
           // A padded key has score -inf: P = 0, but NaN in a row whose lse is not finite, as
           // the reference gives; and dS = 0, as its masked_fill passes back, whatever dP.
-          p = __expf((key_ok[n] ? score(kq[n][m], scale, kx[n] - cx, ky[n] - cy, px, py)
-                                : -INFINITY) - lse_i);
-          float dp = vg[n][m];
+          p = __expf((key_ok[h] ? score(kq[j][c], scale, kx[h] - q_cx[ii], ky[h] - q_cy[ii],
+                                        q_px[ii], q_py[ii])
+                                : -INFINITY) - q_lse[ii]);
+          float dp = vg[j][c];
           if (dropout_p > 0.f) {
-            const int64_t offset = (row0 + i) * L + (k0 + ty + kGrid * n);
+            const int64_t offset = (row0 + i) * L + (k0 + row + 8 * h);
             const float z = dropout_factor(seed, offset, dropout_p, inv_keep);
             dp *= z;
-            ds = key_ok[n] ? p * (dp - delta_i) : 0.f;
+            ds = key_ok[h] ? p * (dp - q_delta[ii]) : 0.f;
             p *= z;
           } else {
-            ds = key_ok[n] ? p * (dp - delta_i) : 0.f;
+            ds = key_ok[h] ? p * (dp - q_delta[ii]) : 0.f;
           }
         }
-        p_tile[(ty + kGrid * n) * LP + ii] = p;
-        ds_tile[(ty + kGrid * n) * LP + ii] = ds;
+        p_tile[(row + 8 * h) * LP + ii] = static_cast<scalar_t>(p);
+        ds_tile[(row + 8 * h) * LP + ii] = static_cast<scalar_t>(ds);
       }
-    }
     __syncthreads();
 
     // dv += P^T g, dk += dS^T q over the step's queries.
-#pragma unroll 4
-    for (int ii = 0; ii < BM; ++ii) {
-      float gd[RD], qd[RD];
-#pragma unroll
-      for (int e = 0; e < RD; ++e) {
-        gd[e] = g_tile[ii * LD + tx + kGrid * e];
-        qd[e] = q_tile[ii * LD + tx + kGrid * e];
-      }
-#pragma unroll
-      for (int n = 0; n < RN; ++n) {
-        const float p = p_tile[(ty + kGrid * n) * LP + ii];
-        const float ds = ds_tile[(ty + kGrid * n) * LP + ii];
-#pragma unroll
-        for (int e = 0; e < RD; ++e) {
-          dv[n][e] += p * gd[e];
-          dk[n][e] += ds * qd[e];
-        }
-      }
-    }
+    warp_product<kMath, BM, ND, false>(dv, p_tile + kWarpRows * warp * LP, LP, g_tile, LD);
+    warp_product<kMath, BM, ND, false>(dk, ds_tile + kWarpRows * warp * LP, LP, q_tile, LD);
   }
 
 #pragma unroll
-  for (int n = 0; n < RN; ++n) {
-    const int j = k0 + ty + kGrid * n;
+  for (int h = 0; h < 2; ++h) {
+    const int j = k0 + row + 8 * h;
     if (j >= end) continue;  // belongs to the next level's tile (or is past L)
     const int64_t base = (static_cast<int64_t>(bh) * L + j) * D;
 #pragma unroll
-    for (int e = 0; e < RD; ++e) {
-      grad_k[base + tx + kGrid * e] = static_cast<scalar_t>(scale * dk[n][e]);
-      grad_v[base + tx + kGrid * e] = static_cast<scalar_t>(dv[n][e]);
-    }
+    for (int e = 0; e < ND; ++e)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = 8 * e + 2 * quad + c;
+        grad_k[base + d] = static_cast<scalar_t>(scale * dk[e][2 * h + c]);
+        grad_v[base + d] = static_cast<scalar_t>(dv[e][2 * h + c]);
+      }
   }
 }
 
@@ -863,7 +962,23 @@ void check_grid(int64_t blocks) {
   TORCH_CHECK(blocks <= INT_MAX, "smca CUDA kernel: problem too large (", blocks, " blocks)");
 }
 
-template <typename scalar_t, int D>
+// Whether float32 products may use TF32 tensor cores: torch's matmul precision for CUDA
+// (torch.backends.cuda.matmul.fp32_precision == "tf32"), read at every call.
+bool tf32_allowed() {
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+}
+
+// Calls fn(std::bool_constant<kTf32>): true only for float32 when TF32 is allowed.
+template <typename scalar_t, typename Fn>
+void with_tf32(Fn&& fn) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tf32_allowed()) return fn(std::true_type());
+  }
+  fn(std::false_type());
+}
+
+template <typename scalar_t, bool kTf32, int D>
 void run_forward(const Problem& p, at::Tensor& out, at::Tensor& out_levels, at::Tensor& lse) {
   constexpr int BM = Tiles<D>::kForwardM, BN = Tiles<D>::kForwardN;
   const LevelTable levels = make_level_table(p.spatial_shapes, BN);
@@ -877,10 +992,13 @@ void run_forward(const Problem& p, at::Tensor& out, at::Tensor& out_levels, at::
   at::Tensor acc_part = at::empty({splits, num_rows, p.S, p.D}, f32);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  auto kernel = forward_kernel<scalar_t, D, BM, BN>;
-  const size_t smem = sizeof(float) * ((BM + 2 * BN) * (D + 1) + BM * (BN + 1));
+  constexpr int LD = D + tile_pad<scalar_t>, LP = BN + tile_pad<scalar_t>;
+  auto kernel = forward_kernel<scalar_t, kTf32, D, BM, BN>;
+  constexpr size_t smem = sizeof(scalar_t) * ((BM + 2 * BN) * LD + BM * LP) + kKeyBytes * BN;
+  static_assert(smem <= kMaxSharedBytes, "forward_kernel: too much shared memory");
   set_shared_memory(kernel, smem);
-  kernel<<<dim3(static_cast<unsigned>(p.B * p.H * q_tiles), splits), kThreads, smem, stream>>>(
+  kernel<<<dim3(static_cast<unsigned>(p.B * p.H * q_tiles), splits), tile_threads(BM), smem,
+           stream>>>(
       p.q.data_ptr<scalar_t>(), p.k.data_ptr<scalar_t>(), p.v.data_ptr<scalar_t>(),
       p.centers.data_ptr<float>(), p.precision.data_ptr<float>(), p.mask_ptr(),
       m_part.data_ptr<float>(), l_part.data_ptr<float>(), acc_part.data_ptr<float>(), levels,
@@ -903,7 +1021,7 @@ struct Grads {
   at::Tensor q, k, v, centers, precision, alpha;
 };
 
-template <typename scalar_t, int D>
+template <typename scalar_t, bool kTf32, int D>
 void run_backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor& out_levels,
                   const at::Tensor& lse, Grads& g) {
   const int64_t num_rows = p.num_rows();
@@ -927,10 +1045,13 @@ void run_backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor
     const int splits = key_splits(p.B * p.H * q_tiles, levels.tile_begin[p.S]);
     at::Tensor dq_part = at::empty({splits, num_rows, p.D}, f32);
     at::Tensor rowsum_part = at::empty({splits, num_rows, p.S, kMoments}, f32);
-    auto kernel = backward_dq_kernel<scalar_t, D, BM, BN>;
-    const size_t smem = sizeof(float) * (2 * (BM + BN) * (D + 1) + BM * (BN + 1));
+    constexpr int LD = D + tile_pad<scalar_t>, LP = BN + tile_pad<scalar_t>;
+    auto kernel = backward_dq_kernel<scalar_t, kTf32, D, BM, BN>;
+    constexpr size_t smem = sizeof(scalar_t) * (2 * (BM + BN) * LD + BM * LP) + kKeyBytes * BN;
+    static_assert(smem <= kMaxSharedBytes, "backward_dq_kernel: too much shared memory");
     set_shared_memory(kernel, smem);
-    kernel<<<dim3(static_cast<unsigned>(p.B * p.H * q_tiles), splits), kThreads, smem, stream>>>(
+    kernel<<<dim3(static_cast<unsigned>(p.B * p.H * q_tiles), splits), tile_threads(BM), smem,
+             stream>>>(
         p.q.data_ptr<scalar_t>(), p.k.data_ptr<scalar_t>(), p.v.data_ptr<scalar_t>(),
         grad_out.data_ptr<scalar_t>(), p.centers.data_ptr<float>(), p.precision.data_ptr<float>(),
         p.alpha_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), p.mask_ptr(),
@@ -951,11 +1072,13 @@ void run_backward(const Problem& p, const at::Tensor& grad_out, const at::Tensor
     const LevelTable levels = make_level_table(p.spatial_shapes, BN);
     const int k_tiles = levels.tile_begin[p.S];
     check_grid(p.B * p.H * k_tiles);
-    auto kernel = backward_dkdv_kernel<scalar_t, D, BN, BM>;
-    const size_t smem =
-        sizeof(float) * (2 * (BN + BM) * (D + 1) + 2 * BN * (BM + 1) + 6 * BM);
+    constexpr int LD = D + tile_pad<scalar_t>, LP = BM + tile_pad<scalar_t>;
+    auto kernel = backward_dkdv_kernel<scalar_t, kTf32, D, BN, BM>;
+    constexpr size_t smem =
+        sizeof(scalar_t) * (2 * (BN + BM) * LD + 2 * BN * LP) + sizeof(float) * 6 * BM;
+    static_assert(smem <= kMaxSharedBytes, "backward_dkdv_kernel: too much shared memory");
     set_shared_memory(kernel, smem);
-    kernel<<<static_cast<unsigned>(p.B * p.H * k_tiles), kThreads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(p.B * p.H * k_tiles), tile_threads(BN), smem, stream>>>(
         p.q.data_ptr<scalar_t>(), p.k.data_ptr<scalar_t>(), p.v.data_ptr<scalar_t>(),
         grad_out.data_ptr<scalar_t>(), p.centers.data_ptr<float>(), p.precision.data_ptr<float>(),
         p.alpha_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), p.mask_ptr(),
@@ -997,8 +1120,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coattention_forward_cuda(
   at::Tensor lse = at::empty({p.B, p.H, p.Nq, p.S}, p.q.options().dtype(at::kFloat));
   if (p.num_rows() == 0) return {out, out_levels, lse};
   SMCA_DISPATCH_16BIT_AND_FLOAT(p.q.scalar_type(), "smca_coattention_forward_cuda", [&] {
-    with_head_dim(p.D, [&](auto head_dim) {
-      run_forward<scalar_t, decltype(head_dim)::value>(p, out, out_levels, lse);
+    with_tf32<scalar_t>([&](auto tf32) {
+      with_head_dim(p.D, [&](auto head_dim) {
+        run_forward<scalar_t, decltype(tf32)::value, decltype(head_dim)::value>(p, out, out_levels,
+                                                                                lse);
+      });
     });
   });
   return {out, out_levels, lse};
@@ -1032,8 +1158,11 @@ coattention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const
     g.v.zero_();
   } else {
     SMCA_DISPATCH_16BIT_AND_FLOAT(p.q.scalar_type(), "smca_coattention_backward_cuda", [&] {
-      with_head_dim(p.D, [&](auto head_dim) {
-        run_backward<scalar_t, decltype(head_dim)::value>(p, grad_out_c, out_levels_c, lse_c, g);
+      with_tf32<scalar_t>([&](auto tf32) {
+        with_head_dim(p.D, [&](auto head_dim) {
+          run_backward<scalar_t, decltype(tf32)::value, decltype(head_dim)::value>(
+              p, grad_out_c, out_levels_c, lse_c, g);
+        });
       });
     });
   }

@@ -9,6 +9,7 @@ Conventions of every kernel in this package:
   lse is in natural units, as the operator contract says.
 - Coordinates, centres, precisions and alpha are float32; matrix products accumulate in float32.
 """
+import contextlib
 import functools
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -16,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..checks import check_coattention, check_kernel_input, shapes_from_flat
 
@@ -153,10 +155,73 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def allow_tf32() -> bool:
+    """Whether float32 matrix products may use TF32 tensor cores: PyTorch's own CUDA matmul
+    setting, torch.backends.cuda.matmul.fp32_precision == "tf32", which
+    torch.set_float32_matmul_precision("high" or "medium") and the older
+    torch.backends.cuda.matmul.allow_tf32 = True also set. PyTorch's default ("highest") is IEEE
+    float32. The C++/CUDA kernel reads the same setting (csrc/cuda)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9 has only the older flag
+        return bool(matmul.allow_tf32)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.backends.cuda.matmul.fp32_precision set to `precision` ("tf32" or "ieee") inside."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs must not be truncated to tf32: the float32 results are compared with the
-    # reference at float32 tolerance. 16-bit inputs ignore this setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot's input_precision for q's dtype: float32 products are TF32 (operands cut to 10
+    mantissa bits, about 1e-3 relative error per product) only where PyTorch's matmuls would be
+    (allow_tf32), else exact IEEE float32; 16-bit operands ignore the setting."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if allow_tf32() else "ieee"
+
+
+def autotune(tiles: Sequence[tuple], interpret_tile: tuple, key: List[str]):
+    """triton.autotune over the GPU `tiles` (or the one interpreter tile) that first leaves out
+    the configurations this GPU cannot run well: those that need more shared memory than it has
+    (they would fail at launch) and those whose registers spill to local memory where another
+    configuration does not spill (register use depends on the dtype, head dim and flags, so a
+    static list cannot know). Both are known once a configuration is compiled and loaded, so the
+    prune compiles each candidate, which the autotuner would do anyway (the kernels are cached
+    for its runs). benchmarks/gpu_resources.py shows what it keeps per GPU."""
+    def decorate(fn):
+        if INTERPRET:
+            return triton.autotune(configs=configs(tiles, interpret_tile), key=key)(fn)
+
+        def usable(candidates, named_args, **kwargs):
+            # named_args: the positional arguments in order; kwargs: the launch's keywords, with
+            # the autotuner's own grid and warmup
+            constexprs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            loaded, refused = [], None
+            for candidate in candidates:
+                compiled = fn.warmup(*named_args.values(), **constexprs, **candidate.all_kwargs(), grid=(1,))
+                try:
+                    compiled._init_handles()  # loads it: OutOfResources where it does not fit
+                except OutOfResources as error:
+                    refused = error
+                    continue
+                loaded.append((compiled.n_spills, candidate))
+            if not loaded:
+                raise refused
+            fewest = min(spills for spills, _ in loaded)
+            return [candidate for spills, candidate in loaded if spills == fewest]
+
+        return triton.autotune(configs=configs(tiles, interpret_tile), key=key,
+                               prune_configs_by={"early_config_prune": usable})(fn)
+    return decorate
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,16 +28,17 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2E, block_d, bucket, check_args, configs, default_num_splits, dot_precision, dropout_keep,
+    LOG2E, autotune, block_d, bucket, check_args, default_num_splits, dot_precision, dropout_keep,
     level_sizes, level_table, load_gaussian, log_prior, mask_arg, score_tile, valid_keys,
 )
 
 # Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
 DKDV_TILES = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
               (16, 64, 4, 3)]
-DQ_TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
-_DKDV_CONFIGS = configs(DKDV_TILES, interpret_tile=(16, 16, 4, 1))
-_DQ_CONFIGS = configs(DQ_TILES, interpret_tile=(16, 16, 4, 1))
+# The 8-warp small tiles are those that do not spill in float32 with dropout (the autotuner's
+# prune leaves spilling configurations out where another does not spill).
+DQ_TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2),
+            (32, 64, 8, 2)]
 _PREPROCESS_BLOCK_R = 64
 # The per-row, per-level sums of the dq pass, in the order of csrc/cpu/tile_ops.h's Moment:
 # sum_j dS_j w_j and sum_j P_j w_j for w = dx, dx^2, dy, dy^2, and sum_j dS_j.
@@ -65,10 +66,9 @@ def _preprocess_kernel(
         tl.store(dot_ptr + idx, tl.sum(grad_out * out_s, 1), mask=rows < num_rows)
 
 
-@triton.autotune(
-    configs=_DKDV_CONFIGS,
-    key=["nq_bucket", "l_bucket", "HEAD_DIM", "HAS_ALPHA", "HAS_MASK", "HAS_DROPOUT"],
-)
+@autotune(DKDV_TILES, interpret_tile=(16, 16, 4, 1),
+          key=["nq_bucket", "l_bucket", "HEAD_DIM", "HAS_ALPHA", "HAS_MASK", "HAS_DROPOUT",
+               "DOT_PRECISION"])
 @triton.jit
 def _dkdv_kernel(
     q_ptr,  # (B, H, Nq, D) q dtype
@@ -177,11 +177,9 @@ def _dkdv_kernel(
     tl.store(grad_v_ptr + kv_offs, grad_v.to(grad_v_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(
-    configs=_DQ_CONFIGS,
-    key=["nq_bucket", "l_bucket", "S", "num_splits", "HEAD_DIM", "HAS_ALPHA", "HAS_MASK",
-         "HAS_DROPOUT"],
-)
+@autotune(DQ_TILES, interpret_tile=(16, 16, 4, 1),
+          key=["nq_bucket", "l_bucket", "S", "num_splits", "HEAD_DIM", "HAS_ALPHA", "HAS_MASK",
+               "HAS_DROPOUT", "DOT_PRECISION"])
 @triton.jit
 def _dq_kernel(
     q_ptr,  # (B, H, Nq, D) q dtype
