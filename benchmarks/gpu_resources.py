@@ -107,7 +107,9 @@ class StandInDriver(DriverBase):
         return self.target
 
     def get_current_device(self):
-        return 0
+        # Triton caches compiled kernels per device, and its target with them: one "device" per
+        # architecture keeps sm_80's kernels apart from sm_90's in one process.
+        return self.target.arch
 
     def set_current_device(self, device):
         pass
@@ -315,6 +317,8 @@ def compile_rows(kernel, args: tuple, kwargs: dict, arch: int, dot_rows: Optiona
         except Exception as error:  # noqa: BLE001  (a compile failure is a finding)
             rows.append(dict(row, error=_error_text(error)))
             continue
+        if compiled.metadata.target.arch != arch:
+            raise RuntimeError(f"{fn.__name__}: compiled for sm_{compiled.metadata.target.arch}, not sm_{arch}")
         shared = compiled.metadata.shared
         row.update(cubin_resources(compiled.asm["cubin"]), shared_bytes=shared,
                    fits=shared <= SHARED_MEMORY_PER_BLOCK[arch], kept=candidate in kept, hash=compiled.hash)
