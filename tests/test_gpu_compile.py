@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import smca_kernels  # noqa: F401  (loads the extension: torch.ops.smca)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
