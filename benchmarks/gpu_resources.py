@@ -426,19 +426,20 @@ def _write(path: Path, rows: List[dict], fields: Iterable[str]) -> None:
 
 
 def summary(rows: List[dict]) -> str:
-    """Per kernel, architecture and precision: configurations compiled / kept, the largest register
-    and shared-memory use, spills and whether every kept configuration uses tensor cores."""
-    lines = [f"{'kernel':<20}{'arch':<7}{'precision':<11}{'configs':>8}{'kept':>6}{'max regs':>10}"
-             f"{'max smem KB':>13}{'spills':>8}{'tensor-core ops':>17}"]
+    """Per kernel, architecture and precision: configurations compiled and kept by the prune, and
+    of the kept ones the most registers and shared memory, how many spill, and their tensor-core
+    instructions (summed)."""
+    lines = [f"{'kernel':<20}{'arch':<7}{'precision':<11}{'configs':>8}{'kept':>6}{'kept: max regs':>16}"
+             f"{'max smem KB':>13}{'spilling':>10}{'tensor-core ops':>17}"]
     key = lambda r: (r["kernel"], r["arch"], r["precision"])  # noqa: E731
     for (kernel, arch, precision), group in itertools.groupby(sorted(rows, key=key), key=key):
         group = [r for r in group if not r.get("error")]
-        if not group:
+        kept = [r for r in group if r["kept"]]
+        if not kept:
             continue
-        tensor_ops = sum(r["hgmma"] + r["hmma"] for r in group if r["kept"])
-        lines.append(f"{kernel:<20}{arch:<7}{precision:<11}{len(group):>8}{sum(bool(r['kept']) for r in group):>6}"
-                     f"{max(r['registers'] for r in group):>10}{max(r['shared_bytes'] for r in group) / 1024:>13.1f}"
-                     f"{sum(r['local_bytes'] > 0 for r in group):>8}{tensor_ops:>17}")
+        lines.append(f"{kernel:<20}{arch:<7}{precision:<11}{len(group):>8}{len(kept):>6}"
+                     f"{max(r['registers'] for r in kept):>16}{max(r['shared_bytes'] for r in kept) / 1024:>13.1f}"
+                     f"{sum(r['local_bytes'] > 0 for r in kept):>10}{sum(r['hgmma'] + r['hmma'] for r in kept):>17}")
     return "\n".join(lines)
 
 
@@ -451,9 +452,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cases", choices=sorted(CASES), default="full",
                         help="full: every precision, head dims 32/64/128 and flag set; model: "
                              f"{MODEL['precisions']}, head dim 32, the model's flags")
-    parser.add_argument("--archs", type=int, nargs="*", default=list(ARCHS),
-                        help="compute capabilities to compile the Triton kernels for, e.g. 80 90 (none: only "
-                             "the CUDA extension's table)")
+    parser.add_argument("--archs", type=int, nargs="*", default=list(ARCHS), choices=sorted(SHARED_MEMORY_PER_BLOCK),
+                        metavar="ARCH", help="compute capabilities to compile the Triton kernels for, of "
+                        f"{sorted(SHARED_MEMORY_PER_BLOCK)} (default: 80 90; none: only the CUDA extension's table)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default: by --cases")
     parser.add_argument("--head-dims", type=int, nargs="+", help="default: by --cases")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_resources",
@@ -466,17 +467,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = args.cases == "model"
     precisions = args.precisions or (MODEL["precisions"] if model else list(PRECISIONS))
     head_dims = args.head_dims or (MODEL["head_dims"] if model else HEAD_DIMS)
-    jobs = [(arch, p, d, CASES[args.cases]) for arch in args.archs for p in precisions for d in head_dims]
+    # smaller head dims first; the table is rewritten as each job ends, so a long run that is
+    # stopped keeps what it finished
+    jobs = [(arch, p, d, CASES[args.cases]) for d in head_dims for arch in args.archs for p in precisions]
     rows = []
-    if args.jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-            for part in pool.map(_work, jobs):
-                rows += part
-    else:
-        for job in jobs:
-            rows += _work(job)
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        for part in pool.map(_work, jobs):
+            rows += part
+            _write(args.out / "triton_resources.csv", rows, FIELDS)
     if jobs:
-        _write(args.out / "triton_resources.csv", rows, FIELDS)
         print(f"triton {triton.__version__}, torch {torch.__version__}: {len(rows)} compiled kernels "
               f"-> {args.out / 'triton_resources.csv'}")
         print(summary(rows))

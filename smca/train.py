@@ -167,7 +167,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="float32 matrix products on a GPU, as torch.set_float32_matmul_precision (the smca kernels follow it): "
         "high (default) multiplies in TF32 on tensor cores (Ampere and later), as cuDNN's convolutions already do by "
         "default, several times faster with a ~1e-3 relative error per product that training does not feel; "
-        "highest keeps IEEE float32 (e.g. to compare with a run made without TF32). No effect on the CPU",
+        "medium: the same as high on a GPU; highest keeps IEEE float32 (e.g. to compare with a run made "
+        "without TF32). No effect on the CPU",
     )
     g = p.add_argument_group("data")
     g.add_argument("--coco_path", help="COCO-layout root: train2017/, val2017/, annotations/instances_*2017.json")
