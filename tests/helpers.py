@@ -227,3 +227,22 @@ def check_dropout_against_cpu(op, case: Case, backend: str, device: str, dropout
     ref, ref_g = run("cpu", torch.float32, "cpu")
     actual, actual_g = run(backend, torch.float32, device)
     assert_within_reference_error(torch.float32, actual, actual_g, exact, exact_g, ref, ref_g)
+
+
+def assert_float32_follows_matmul_precision(op, case: Case, inputs: dict, grad_out: torch.Tensor, run) -> None:
+    """A float32 kernel under PyTorch's matmul precision (op: smca_kernels, for the reference):
+    run(inputs) -> (out, gradients) is called
+    with fp32_precision "ieee" and "tf32"; each result is held to the reference run with the same
+    setting (TF32Matmuls for "tf32"), and the TF32 output must move from the IEEE one by far more
+    than float32 rounding (TF32 was used)."""
+    from smca_kernels.triton._common import matmul_precision
+
+    results = {}
+    for precision in ("ieee", "tf32"):
+        exact, exact_g, ref, ref_g = reference_results(op, case, inputs, grad_out, torch.float32, "cpu",
+                                                       tf32=precision == "tf32")
+        with matmul_precision(precision):
+            results[precision] = run(inputs)
+        assert results[precision][0].dtype == torch.float32
+        assert_within_reference_error(torch.float32, *results[precision], exact, exact_g, ref, ref_g)
+    assert relative_error(results["tf32"][0], results["ieee"][0]) > 10 * TOLERANCE[torch.float32], "TF32 unused"

@@ -15,8 +15,8 @@ import torch
 
 import cuda_emulation
 import smca_kernels as sk
-from helpers import (TOLERANCE, Case, allowed_error, assert_within_reference_error, device_kernel_results, leaves,
-                     make_inputs, reference_results, relative_error)
+from helpers import (Case, allowed_error, assert_float32_follows_matmul_precision, assert_within_reference_error,
+                     device_kernel_results, leaves, make_inputs, reference_results, relative_error)
 from smca_kernels.triton._common import matmul_precision
 
 CASES = [
@@ -102,15 +102,8 @@ def test_emulated_cuda_tf32(emulated_cuda, case):
     the same setting (helpers.TF32Matmuls), and its output must differ from the IEEE result by
     far more than float32 rounding (TF32 was used); with "ieee" the float32 rule holds."""
     inputs, grad_out = inputs_of(case)
-    results = {}
-    for precision in ("ieee", "tf32"):
-        exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, torch.float32, "cpu",
-                                                       tf32=precision == "tf32")
-        with matmul_precision(precision):
-            results[precision] = kernel_results(emulated_cuda, case, inputs, grad_out, torch.float32)
-        assert results[precision][0].dtype == torch.float32
-        assert_within_reference_error(torch.float32, *results[precision], exact, exact_g, ref, ref_g)
-    assert relative_error(results["tf32"][0], results["ieee"][0]) > 10 * TOLERANCE[torch.float32], "TF32 unused"
+    assert_float32_follows_matmul_precision(
+        sk, case, inputs, grad_out, lambda x: kernel_results(emulated_cuda, case, x, grad_out, torch.float32))
 
 
 def test_emulated_mma_fragment_fault_is_caught(emulated_cuda):

@@ -16,8 +16,8 @@ from smca_kernels.triton import backward as triton_backward
 from smca_kernels.triton import forward as triton_forward
 from smca_kernels.triton._common import matmul_precision
 from helpers import (
-    TOLERANCE, TRITON_DEVICE, Case, assert_within_reference_error, device_kernel_results, leaves,
-    make_inputs, reference_results, relative_error,
+    TOLERANCE, TRITON_DEVICE, Case, assert_float32_follows_matmul_precision, assert_within_reference_error,
+    cut_to_tf32, device_kernel_results, leaves, make_inputs, reference_results, relative_error,
 )
 
 if "triton" not in sk.available_backends(TRITON_DEVICE):
@@ -111,15 +111,9 @@ def test_triton_float32_follows_the_matmul_precision(case):
     generator = torch.Generator().manual_seed(21)
     inputs = make_inputs(case, generator)
     grad_out = torch.randn(case.B, case.H, case.Nq, case.D, dtype=torch.float64, generator=generator)
-    results = {}
-    for precision in ("ieee", "tf32"):
-        exact, exact_g, ref, ref_g = reference_results(sk, case, inputs, grad_out, torch.float32, "cpu",
-                                                       tf32=precision == "tf32")
-        with matmul_precision(precision):
-            t = leaves(inputs, torch.float32, TRITON_DEVICE)
-            results[precision] = device_kernel_results(*_triton_kernels(1), case, t, grad_out)[:2]
-        assert_within_reference_error(torch.float32, *results[precision], exact, exact_g, ref, ref_g)
-    assert relative_error(results["tf32"][0], results["ieee"][0]) > 10 * TOLERANCE[torch.float32], "TF32 unused"
+    assert_float32_follows_matmul_precision(
+        sk, case, inputs, grad_out,
+        lambda x: device_kernel_results(*_triton_kernels(1), case, leaves(x, torch.float32, TRITON_DEVICE), grad_out)[:2])
 
 
 def test_triton_dot_precision_reads_the_setting():
@@ -191,7 +185,7 @@ def test_interpreter_tf32_dot_is_the_gpus():
     generator = torch.Generator().manual_seed(1)
     a, b = (torch.randn(16, 16, generator=generator) for _ in range(2))
     a[0, :3] = torch.tensor([float("inf"), float("nan"), 1 + 2.0**-11 + 2.0**-20])
-    a_cut, b_cut = ((t.view(torch.int32) & ~0x1FFF).view(torch.float32) for t in (a, b))
+    a_cut, b_cut = cut_to_tf32(a), cut_to_tf32(b)
     assert a_cut[0, 2].item() == 1.0  # cut toward zero
     results = {}
     for precision, (x, y) in (("tf32", (a_cut, b_cut)), ("ieee", (a, b))):
