@@ -7,6 +7,9 @@
 # make bench:   install, then the operator benchmark (table, CSV and plot in benchmarks/results,
 #               the committed tables; run by hand, the script writes to runs/bench).
 # make convergence: install, then the convergence study, SMCA vs DETR (~40 min on 2 CPU cores).
+# make fuzz:    install, then the property-based fuzz of every kernel backend (tests/test_fuzz.py)
+#               from a printed seed: FUZZ_EXAMPLES cases per backend (default 1000), FUZZ_SEED=S
+#               repeats a run, FUZZ_ARGS more pytest arguments (e.g. FUZZ_ARGS="-k cpu").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,7 +23,7 @@ export CUDA_HOME MAX_JOBS USE_CUDA FORCE_CUDA
 
 EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: install test demo bench convergence clean
+.PHONY: install test demo bench convergence fuzz clean
 
 install: $(VENV)/.built-cuda$(FORCE_CUDA)
 
@@ -47,6 +50,15 @@ bench: install
 
 convergence: install
 	$(PY) benchmarks/convergence.py
+
+FUZZ_EXAMPLES ?= 1000
+ifndef FUZZ_SEED
+FUZZ_SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+fuzz: install
+	@echo "fuzz seed $(FUZZ_SEED): make fuzz FUZZ_SEED=$(FUZZ_SEED) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) repeats this run"
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py --hypothesis-seed=$(FUZZ_SEED) \
+		--hypothesis-show-statistics $(FUZZ_ARGS)
 
 clean:
 	rm -rf build *.egg-info smca_kernels/_C*.so $(VENV)/.built-cuda*

@@ -211,7 +211,7 @@ def launches(dtype: torch.dtype, head_dim: int, flags: Iterable[str]) -> list:
     centers, precision = (torch.empty(B, H, Nq, S, 2, **meta) for _ in range(2))
     alpha = torch.empty(B, H, Nq, S, **meta) if "alpha" in flags else None
     mask = torch.zeros(B, L, dtype=torch.bool, **meta) if "mask" in flags else None
-    dropout_p, seed = (0.1, 2**40 + 7) if "dropout" in flags else (0.0, 0)
+    dropout_p, seed = (0.1, torch.tensor(2**40 + 7)) if "dropout" in flags else (0.0, None)
     splits = 4 if "split" in flags else 1
     flat = [n for shape in shapes for n in shape]
     with recorded_launches() as recorded:

@@ -80,6 +80,16 @@ int64_t check_coattention_args(
   return S;
 }
 
+uint64_t dropout_seed(const std::optional<at::Tensor>& seed, double dropout_p) {
+  if (dropout_p == 0.0) return 0;
+  TORCH_CHECK(seed.has_value(), "seed: required when dropout_p > 0 (", dropout_p,
+              "): expected a one-element int64 CPU tensor, got None");
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "seed: expected a one-element int64 CPU tensor, got ", seed->numel(),
+              " element(s) of dtype ", seed->dtype(), " on ", seed->device());
+  return static_cast<uint64_t>(seed->item<int64_t>());
+}
+
 void check_coattention_backward_args(const at::Tensor& grad_out, const at::Tensor& q,
                                      const at::Tensor& out_levels, const at::Tensor& lse,
                                      int64_t S) {

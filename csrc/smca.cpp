@@ -8,9 +8,12 @@
 // scale_selective_coattention, SMCAAttention) reach these ops through smca_kernels.ops.coattention.
 //
 // Shapes: q (B,H,Nq,D); k, v (B,H,L,D); centers, precision (B,H,Nq,S,2); alpha (B,H,Nq,S) or
-// None for one level; spatial_shapes [H0,W0,H1,W1,...]; key_padding_mask (B,L) bool, True =
-// ignore; lse (B,H,Nq,S), +inf where a level's keys are all masked; out_levels (B,H,Nq,S,D) the
-// unmixed per-level outputs (docs/operators.md).
+// None for one level; spatial_shapes [H0,W0,H1,W1,...] (SymInt[], so that torch.compile keeps
+// the map sizes symbolic, pytorch/pytorch#121080); key_padding_mask (B,L) bool, True = ignore;
+// seed the dropout's Philox key, a one-element int64 CPU tensor, None when dropout_p is 0 (a
+// tensor, so that drawing it is no graph break under torch.compile); lse (B,H,Nq,S), +inf where
+// a level's keys are all masked; out_levels (B,H,Nq,S,D) the unmixed per-level outputs
+// (docs/operators.md).
 #include <torch/library.h>
 
 #include <string>
@@ -45,12 +48,12 @@ TORCH_LIBRARY(smca, m) {
   // empty grad_alpha.
   m.def(
       "_coattention_forward(Tensor q, Tensor k, Tensor v, Tensor centers, Tensor precision, "
-      "Tensor? alpha, int[] spatial_shapes, Tensor? key_padding_mask, float scale, "
-      "float dropout_p, int seed) -> (Tensor out, Tensor out_levels, Tensor lse)");
+      "Tensor? alpha, SymInt[] spatial_shapes, Tensor? key_padding_mask, float scale, "
+      "float dropout_p, Tensor? seed) -> (Tensor out, Tensor out_levels, Tensor lse)");
   m.def(
       "_coattention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor centers, "
-      "Tensor precision, Tensor? alpha, Tensor out_levels, Tensor lse, int[] spatial_shapes, "
-      "Tensor? key_padding_mask, float scale, float dropout_p, int seed) "
+      "Tensor precision, Tensor? alpha, Tensor out_levels, Tensor lse, SymInt[] spatial_shapes, "
+      "Tensor? key_padding_mask, float scale, float dropout_p, Tensor? seed) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_centers, "
       "Tensor grad_precision, Tensor grad_alpha)");
 

@@ -14,6 +14,10 @@ int64_t check_coattention_args(
     c10::IntArrayRef spatial_shapes, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p);
 
+// The dropout's Philox key from the ops' `seed` argument: 0 when dropout_p is 0 (seed unused),
+// else the value of a one-element int64 CPU tensor; an error naming `seed` otherwise.
+uint64_t dropout_seed(const std::optional<at::Tensor>& seed, double dropout_p);
+
 // The backward's extra arguments: grad_out like q, out_levels (B, H, Nq, S, D) in q's dtype,
 // lse (B, H, Nq, S) float32 (float64 for float64 q), all on q's device.
 void check_coattention_backward_args(const at::Tensor& grad_out, const at::Tensor& q,

@@ -11,7 +11,8 @@ A weights-only checkpoint (save_weights: smca.convert's output) has epoch, step,
 lr_scheduler and scaler None, no rng states, and converted_from naming its origin; it serves
 prediction, evaluation and fine-tuning, not --resume of training.
 It is written to a temporary file in the same directory and moved over the old one with
-os.replace, so a crash while saving leaves the previous checkpoint intact.
+os.replace, so a crash or a failed write (a full disk) while saving leaves the previous
+checkpoint intact and no temporary file (smca.run_files.write_atomically).
 
 Resuming restores every generator, so on CPU (num_workers 0) a run stopped after epoch k and
 resumed ends with the same weights, bit for bit, as a run straight through. A resumed run's own
@@ -28,12 +29,14 @@ folder and on another machine.
 import dataclasses
 import os
 import random
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .config import fields_of
+from .run_files import write_atomically
 
 __all__ = [
     "CheckpointError",
@@ -44,6 +47,7 @@ __all__ = [
     "save_weights",
     "is_weights_only",
     "load_checkpoint",
+    "one_line",
     "check_compatible",
     "config_to_restore",
     "training_changes",
@@ -98,19 +102,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def save_atomically(obj: Any, path: str) -> None:
     """torch.save(obj) to `path` so that a crash leaves the old file or the new one, never half
-    of one: a temporary file beside it, flushed to disk, then renamed over it."""
-    # Same directory, so os.replace is an atomic rename; the process id keeps writers apart.
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    of one: a temporary file beside it, flushed to disk, then renamed over it. Raises
+    smca.run_files.OutputError naming `path` and the reason (e.g. "No space left on device")
+    when it cannot be written; the old file is then left as it was, and no temporary file."""
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(
@@ -173,20 +168,40 @@ def is_weights_only(state: Dict[str, Any]) -> bool:
     return state.get("optimizer") is None
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint. Raises CheckpointError when it is missing,
-    truncated or corrupt, or not one of ours."""
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b")
+# torch.load(weights_only=True)'s refusal of a pickled class: "Unsupported global: GLOBAL argparse.Namespace".
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def one_line(text: str) -> str:
+    """A library's error text as one plain line: terminal escapes (torch's bold) dropped,
+    line breaks and tabs made single spaces."""
+    return " ".join(_TERMINAL_ESCAPE.sub("", text).split())
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", flag: Optional[str] = None) -> Dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint (or smca.convert). Raises CheckpointError
+    when it is missing, truncated or corrupt, or not one of ours; flag: the option that named
+    `path` ("--resume"), which the error then names too."""
+    name = f"{flag} {path}" if flag else f"checkpoint {path!r}"
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+        remedy = ": give the checkpoint.pth of an earlier run, or an smca.convert output" if flag else ""
+        raise CheckpointError(f"{name} does not exist{remedy}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001  a damaged file fails in many ways (zip, pickle, decoding)
-        why = f"{type(err).__name__}: {err}"
+        pickled = _UNSUPPORTED_GLOBAL.search(str(err))
+        if pickled:  # torch's text says how to load it unsafely; the remedy here is to convert it
+            raise CheckpointError(
+                f"{name} is not an smca checkpoint: it holds pickled Python objects ({pickled.group(1)}), which "
+                f"smca's never do and which are not unpickled. {_CONVERT_HINT}"
+            ) from err
+        why = one_line(f"{type(err).__name__}: {err}")
         raise CheckpointError(
-            f"checkpoint {path!r} cannot be read: corrupt, truncated or not written by smca ({why}). {_CONVERT_HINT}"
+            f"{name} cannot be read: corrupt, truncated or not written by smca ({why}). {_CONVERT_HINT}"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} is not an smca checkpoint (no {FORMAT!r} format tag). {_CONVERT_HINT}")
+        raise CheckpointError(f"{name} is not an smca checkpoint (no {FORMAT!r} format tag). {_CONVERT_HINT}")
     return state
 
 
@@ -285,7 +300,7 @@ def restore(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint weights do not fit the model: {err}") from err
+        raise CheckpointError(f"checkpoint weights do not fit the model: {one_line(str(err))}") from err
     if optimizer is not None:
         _load_optimizer_state(optimizer, state["optimizer"])
     if lr_scheduler is not None:

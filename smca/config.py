@@ -73,7 +73,9 @@ class Config:
     Loss and matching: focal_* (sigmoid focal loss), eos_coef (softmax classifier),
         *_loss_coef, set_cost_* (matcher), topk (detections kept per image).
     Run: coco_path, output_dir, resume (a checkpoint to continue), finetune (a checkpoint whose
-        weights start a new run), eval, tensorboard, progress (a progress bar); see smca.train.
+        weights start a new run), eval (only evaluate), no_eval (train without evaluating),
+        results_file (where each evaluation writes its detections as COCO's results JSON),
+        tensorboard, progress (a progress bar); see smca.train.
     Data and training: as DETR's main.py; amp "off" | "bf16" | "fp16"; matmul_precision: the
         float32 matrix products on a GPU (torch.set_float32_matmul_precision, which the smca
         kernels follow too): "high" (the default) TF32 tensor cores, "highest" IEEE float32; no
@@ -135,6 +137,8 @@ class Config:
     resume: Optional[str] = None
     finetune: Optional[str] = None
     eval: bool = False
+    no_eval: bool = False
+    results_file: Optional[str] = None
     tensorboard: bool = False
     progress: bool = True
 
@@ -165,6 +169,28 @@ class Config:
         for name in ("batch_size", "lr_drop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        # What torch (AdamW, DataLoader, dropout, numpy's seeding) would refuse with a traceback
+        # only once the run is under way.
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr: expected a finite learning rate >= 0, got {self.lr}")
+        if not math.isfinite(self.lr_backbone):
+            raise ValueError(
+                f"lr_backbone: expected a finite learning rate (<= 0 freezes the backbone), got {self.lr_backbone}"
+            )
+        for name in ("weight_decay", "clip_max_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                off = " (0: off)" if name == "clip_max_norm" else ""
+                raise ValueError(f"{name}: expected a finite value >= 0{off}, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
+        for name in ("epochs", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: expected an integer in [0, 2**32), as numpy's, got {self.seed}")
+        if self.eval and self.no_eval:
+            raise ValueError("eval and no_eval: give one (eval only evaluates; no_eval trains without evaluating)")
         if not self.min_sizes:
             raise ValueError("min_sizes: expected at least one shorter side")
         for name, value in (("max_size", self.max_size), ("eval_size", self.eval_size), ("min_sizes", self.min_sizes)):

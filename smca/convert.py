@@ -72,36 +72,76 @@ class ConversionError(ValueError):
     """A reference checkpoint that cannot be read, or whose settings smca does not implement."""
 
 
+# A checkpoint holding other objects can still be converted by whoever trusts it: re-saved
+# with what converting reads and nothing else.
+_RESAVE = (
+    "if you trust the file, re-save what converting reads and convert that: "
+    "c = torch.load(FILE, weights_only=False); torch.save({'model': c['model'], 'args': c.get('args')}, 'clean.pth')"
+)
+
+
+def _load_error(path: str, err: Exception) -> ConversionError:
+    """The ConversionError of a file torch.load(weights_only=True) refused: its cause in our
+    words (torch's message has terminal codes and several paragraphs), and the remedy."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    refused = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", text)
+    if refused:
+        return ConversionError(
+            f"--input {path!r} holds a Python object ({refused.group(1)}) beyond the tensors, plain data and "
+            f"argparse.Namespace a checkpoint is read with (reading it would run code from the file); {_RESAVE}"
+        )
+    return ConversionError(
+        f"--input {path!r} cannot be read as a PyTorch checkpoint: it is not one, or it is damaged (cut short "
+        f"or corrupted in a copy or download) ({type(err).__name__}); copy or download it again"
+    )
+
+
 def read_reference_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Any]]]:
     """(state dict, main.py's args as a dict or None) of a checkpoint saved by either repository.
 
-    Raises ConversionError when the file is missing, unreadable, holds objects other than
-    tensors, plain data and argparse.Namespace, or has no state dict.
+    Raises ConversionError naming the file, the cause and the remedy when it is missing,
+    unreadable, holds objects other than tensors, plain data and argparse.Namespace, or has no
+    state dict.
     """
     if not os.path.isfile(path):
-        raise ConversionError(f"--input: no such file {path!r}")
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise ConversionError(f"--input {path!r} {what}; give the .pth file the reference main.py saved")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  a damaged or foreign file fails in many ways
-        raise ConversionError(
-            f"--input {path!r} cannot be read as a checkpoint of tensors, plain data and argparse.Namespace "
-            f"({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from err
+        raise _load_error(path, err) from err
     if isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith("smca-checkpoint"):
-        raise ConversionError(f"--input {path!r} is already an smca checkpoint: use it as it is")
+        raise ConversionError(
+            f"--input {path!r} is already an smca checkpoint: use it as it is (smca.predict --checkpoint, "
+            "smca.train --resume or --finetune)"
+        )
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         state, args = checkpoint["model"], checkpoint.get("args")
     elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
         state, args = checkpoint, None
     else:
-        raise ConversionError(f"--input {path!r}: expected main.py's checkpoint (a dict with 'model') or a state dict")
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConversionError(f"--input {path!r}: its 'model' is not a state dict of tensors")
+        got = (
+            f"a dict with keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
+            else f"a {type(checkpoint).__name__}"
+        )
+        raise ConversionError(
+            f"--input {path!r} holds {got}; expected what SMCA-DETR's or DETR's main.py saves (a dict with the "
+            "state dict under 'model') or a state dict itself: give that file"
+        )
+    others = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
+    if others:
+        raise ConversionError(
+            f"--input {path!r}: its 'model' is not a state dict of tensors ({others[:5]} are not tensors); expected "
+            "the model's state_dict() as main.py saves it"
+        )
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     elif args is not None and not isinstance(args, dict):
-        raise ConversionError(f"--input {path!r}: 'args' is a {type(args).__name__}, expected main.py's Namespace")
+        raise ConversionError(
+            f"--input {path!r}: 'args' is a {type(args).__name__}, expected main.py's argparse.Namespace; save the "
+            "state dict alone (torch.save(checkpoint['model'], 'model.pth')) to convert it with main.py's defaults"
+        )
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return state, args
 
@@ -113,7 +153,10 @@ def _count(state: Dict[str, Tensor], pattern: str) -> int:
 
 def _shape(state: Dict[str, Tensor], key: str) -> Tuple[int, ...]:
     if key not in state:
-        raise ConversionError(f"not an SMCA-DETR or DETR checkpoint: it has no {key!r}")
+        raise ConversionError(
+            f"not an SMCA-DETR or DETR checkpoint: its state dict has no {key!r}; give a checkpoint that "
+            "SMCA-DETR's or DETR's main.py saved"
+        )
     return tuple(state[key].shape)
 
 
@@ -135,7 +178,9 @@ def _backbone_from_weights(state: Dict[str, Tensor]) -> str:
 
 
 def _unsupported(setting: str, value: Any, why: str) -> ConversionError:
-    return ConversionError(f"{setting} {value!r}: {why}; smca cannot convert this checkpoint")
+    return ConversionError(
+        f"{setting} {value!r}: {why}; smca cannot convert this checkpoint (run it with its own repository's code)"
+    )
 
 
 def reference_config(
@@ -192,7 +237,10 @@ def reference_config(
             values[name] = float(given[name])
     if source == "smca-detr":
         if "transformer.decoder.layers.0.point1.layers.0.weight" not in state:
-            raise ConversionError("--source smca-detr: the checkpoint has no reference-point head (point1): is it DETR's?")
+            raise ConversionError(
+                "--source smca-detr: the checkpoint has no reference-point head (point1), as DETR's has none: "
+                "for a DETR checkpoint give --source detr"
+            )
         scale_key = "transformer.decoder.layers.0.point3.weight"
         scale_outputs = state[scale_key].shape[0] if scale_key in state else 0
         inferred = _SCALE_OUTPUTS.get(scale_outputs)
@@ -201,7 +249,10 @@ def reference_config(
             raise _unsupported("dynamic_scale", "type4", "its dx^2 dy^2 term is not in smca's Gaussian")
         if dynamic_scale not in DYNAMIC_SCALES or dynamic_scale != inferred:
             raise ConversionError(
-                f"dynamic_scale {dynamic_scale!r}: the checkpoint's scale head (point3) has {scale_outputs} outputs"
+                f"dynamic_scale {dynamic_scale!r} (the checkpoint's args): its scale head (point3) has "
+                f"{scale_outputs} outputs, those of {inferred or 'no dynamic_scale of 8 heads'}; the args do not "
+                "belong to these weights: save the state dict alone (torch.save(checkpoint['model'], 'model.pth')) "
+                "and convert that, which reads dynamic_scale from the weights"
             )
         # The paper's loss_ce weight is fixed at 2 in its code; its PostProcess keeps Nq detections.
         values.update(model="smca", modulation="multi_head", dynamic_scale=dynamic_scale, classifier="focal")
@@ -214,17 +265,24 @@ def reference_config(
             values["eos_coef"] = float(given["eos_coef"])
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if values["num_queries"] != query_count:
-        raise ConversionError(f"--num_queries {values['num_queries']}: the checkpoint holds {query_count} queries")
+        raise ConversionError(
+            f"--num_queries {values['num_queries']}: the checkpoint holds {query_count} queries (its query "
+            "embeddings); leave out --num_queries"
+        )
     if source == "smca-detr":
         offsets = _shape(state, "transformer.decoder.layers.0.point2.weight")[0]
         if offsets != 2 * values["nheads"]:
             raise ConversionError(
-                f"nheads {values['nheads']}: the checkpoint's Gaussian offsets (point2) are for {offsets // 2} heads"
+                f"nheads {values['nheads']}: the checkpoint's Gaussian offsets (point2) are for {offsets // 2} heads; "
+                f"give --nheads {offsets // 2}"
             )
     try:
         return Config(**values, device="cpu")
     except ValueError as err:
-        raise ConversionError(f"the checkpoint's settings: {err}") from err
+        raise ConversionError(
+            f"the checkpoint's settings (its args, or main.py's defaults, and the flags given) make no valid smca "
+            f"model: {err}"
+        ) from err
 
 
 def convert_state_dict(state: Dict[str, Tensor], source: str) -> Dict[str, Tensor]:
@@ -244,8 +302,9 @@ def convert_state_dict(state: Dict[str, Tensor], source: str) -> Dict[str, Tenso
             unknown.append(key)
     if unknown:
         raise ConversionError(
-            f"keys with no counterpart in smca's single-scale {source} model (multi-scale SMCA and other "
-            f"architectures are not supported): {sorted(unknown)[:8]}"
+            f"{len(unknown)} weights have no counterpart in smca's single-scale {source} model, e.g. "
+            f"{sorted(unknown)[:8]}: smca converts the single-scale models of SMCA-DETR's and DETR's main.py, not "
+            "multi-scale SMCA or other architectures"
         )
     if source == "smca-detr":
         converted["class_embed.weight"] = converted["class_embed.weight"][:-1]
@@ -271,28 +330,49 @@ def convert(
     """Convert a reference checkpoint to an smca weights-only checkpoint; returns its Config.
 
     Loads the converted weights into smca's model with strict key and shape matching before
-    anything is written. categories: {id: name}; default COCO's names when the model has
-    COCO's 91 classes, else none. Raises ConversionError (see reference_config,
-    convert_state_dict) and names an output file that already exists.
+    anything is written. categories: {id: name}, every id below num_classes (the reference
+    models' class i is category id i); default COCO's names when the model has COCO's 91
+    classes, else none. Raises ConversionError naming the file (--input, --output or
+    --categories), the cause and the remedy: see read_reference_checkpoint, reference_config
+    and convert_state_dict; also an output file that already exists or cannot be written.
     """
     from .models import build_model
 
     if os.path.exists(output_path):
-        raise ConversionError(f"--output {output_path!r} already exists; give another path")
+        raise ConversionError(f"--output {output_path!r} already exists; give another path (or remove the file)")
     folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):
-        raise ConversionError(f"--output {output_path!r}: its folder {folder!r} does not exist")
+        raise ConversionError(f"--output {output_path!r}: its folder {folder!r} does not exist; create it first")
     state, args = read_reference_checkpoint(input_path)
-    cfg = reference_config(state, args, source, overrides)
-    weights = convert_state_dict(state, source)
-    model = build_model(cfg)[0]
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ConversionError(f"the converted weights do not fit smca's {cfg.model} model: {err}") from err
+        cfg = reference_config(state, args, source, overrides)
+        weights = convert_state_dict(state, source)
+        model = build_model(cfg)[0]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            problems = " ".join(str(err).split())  # torch lists them over several indented lines
+            raise ConversionError(f"the converted weights do not fit smca's {cfg.model} model: {problems}") from err
+    except ConversionError as err:
+        raise ConversionError(f"--input {input_path!r}: {err}") from err.__cause__
     if categories is None and cfg.num_classes == 91:
         categories = _coco_categories()
-    save_weights(output_path, model, cfg, categories or {}, converted_from=f"{source}: {os.path.abspath(input_path)}")
+    beyond = sorted(c for c in categories or {} if not 0 <= c < cfg.num_classes)
+    if beyond:
+        raise ConversionError(
+            f"--categories: category ids {beyond[:10]} are beyond the {cfg.num_classes} classes of --input "
+            f"{input_path!r} (the reference models' class i is category id i): give the annotation file of the data "
+            "the model was trained on"
+        )
+    try:
+        save_weights(
+            output_path, model, cfg, categories or {}, converted_from=f"{source}: {os.path.abspath(input_path)}"
+        )
+    except OSError as err:
+        raise ConversionError(
+            f"--output {output_path!r} cannot be written ({err.strerror or err}); check the folder's permissions "
+            "and free space"
+        ) from err
     return cfg
 
 
@@ -309,10 +389,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     args = p.parse_args(argv)
     try:
-        categories = read_categories(args.categories) if args.categories else None
+        try:
+            categories = read_categories(args.categories) if args.categories else None
+        except DatasetError as err:
+            raise ConversionError(f"--categories: {err}") from err
         overrides = dict(num_queries=args.num_queries, nheads=args.nheads, beta=args.beta)
         cfg = convert(args.input, args.output, args.source, overrides, categories)
-    except (ConversionError, DatasetError) as err:
+    except ConversionError as err:
         p.exit(2, f"{PROG}: error: {err}\n")
     print(
         f"{args.output}: {cfg.model} ({cfg.backbone}, {cfg.enc_layers}+{cfg.dec_layers} layers, {cfg.nheads} heads, "

@@ -7,7 +7,9 @@ over processes and detections gathered on the main process, which computes the C
 
 import contextlib
 import io
+import json
 import math
+import os
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -17,12 +19,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .distributed import all_gather_object, all_reduce_mean, is_main_process
+from .run_files import OutputError, write_text
 
 __all__ = [
     "NonFiniteLossError",
     "autocast",
     "train_one_epoch",
     "evaluate",
+    "write_results",
     "coco_evaluate",
     "format_coco_summary",
     "COCO_STAT_NAMES",
@@ -150,14 +154,43 @@ def train_one_epoch(
     return stats
 
 
-def _coco_detections(image_id: int, result: Dict[str, Tensor]) -> List[Dict[str, Any]]:
-    """Post-processed boxes (xyxy, absolute) of one image -> COCO result dicts (bbox xywh)."""
+def _coco_detections(
+    image_id: int, result: Dict[str, Tensor], class_ids: Optional[Sequence[int]] = None
+) -> List[Dict[str, Any]]:
+    """Post-processed boxes (xyxy, absolute) of one image -> COCO result dicts (bbox xywh);
+    class_ids: the category id of each class (smca.data.class_ids; None: the class index is
+    the id)."""
     boxes = result["boxes"].detach().float().cpu()
     boxes[:, 2:] -= boxes[:, :2]
+    labels = result["labels"].tolist()
+    if class_ids is not None:
+        labels = [class_ids[label] for label in labels]
     return [
         dict(image_id=image_id, category_id=int(label), bbox=[round(v, 3) for v in box], score=float(score))
-        for box, label, score in zip(boxes.tolist(), result["labels"].tolist(), result["scores"].tolist())
+        for box, label, score in zip(boxes.tolist(), labels, result["scores"].tolist())
     ]
+
+
+def write_results(path: str, detections: List[Dict[str, Any]]) -> None:
+    """Write COCO result dicts to `path` as COCO's results JSON (a list of {image_id,
+    category_id, bbox [x, y, w, h] in pixels, score}), what COCO's evaluation server and
+    pycocotools' loadRes read. Atomic (smca.run_files.write_atomically), so the file is the old
+    one or the whole new one; its folder is made when missing. Raises OutputError (an OSError)
+    naming the file when it cannot be written."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"--results_file {path}: cannot make its folder ({err.strerror or err})", path, err) from err
+    write_text(path, json.dumps(detections))
+
+
+def check_results_path(path: str) -> None:
+    """OutputError before an evaluation (or a training run) whose results file could not be
+    written: a folder."""
+    if os.path.isdir(path):
+        raise OutputError(
+            f"--results_file {path} is a folder; expected a file name, such as {path}/detections.json", path
+        )
 
 
 @torch.no_grad()
@@ -170,14 +203,28 @@ def evaluate(
     amp: str = "off",
     progress: bool = True,
     eval_backend: str = "auto",
+    results_file: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Losses and COCO box AP over data_loader (its dataset must have a pycocotools `coco`).
 
     postprocessor(outputs, orig_sizes (B, 2) (h, w)) gives per image dict(scores, labels
-    (category ids), boxes absolute xyxy in the original image). Returns the mean losses (when
-    a criterion is given) and, on the main process, "coco_eval_bbox": the 12 COCO statistics
-    (COCO_STAT_NAMES), after printing COCO's summary.
+    (classes), boxes absolute xyxy in the original image); a dataset with `class_ids`
+    (CocoDetection.set_classes) maps the classes to its category ids. Returns the mean losses
+    (when a criterion is given) and, on the main process, "coco_eval_bbox": the 12 COCO
+    statistics (COCO_STAT_NAMES), after printing COCO's summary.
+
+    results_file: also write the detections there, before scoring them, as COCO's results
+    JSON (write_results; the file's category ids), on the main process. A data set without
+    any annotation (an image-info file such as COCO's image_info_test-dev2017.json) has
+    nothing to score: no losses, no statistics, a line that says so; only the results file.
+    Raises OutputError (an OSError) for a results_file that is a folder (before the model runs)
+    or that cannot be written.
     """
+    if results_file is not None:
+        check_results_path(results_file)
+    coco = data_loader.dataset.coco
+    ground_truth = bool(coco.dataset.get("annotations"))
+    class_ids = getattr(data_loader.dataset, "class_ids", None)
     model.eval()
     if criterion is not None:
         criterion.eval()
@@ -190,14 +237,14 @@ def evaluate(
         with autocast(device, amp):
             outputs = model(images, pixel_mask)
         outputs = _to_float32(outputs)
-        if criterion is not None:
+        if criterion is not None and ground_truth:
             for k, v in _loss_values(criterion(outputs, targets), device).items():
                 sums[k] += v
             steps += 1
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         for target, result in zip(targets, postprocessor(outputs, orig_sizes)):
             image_id = int(target["image_id"])
-            detections[image_id] = _coco_detections(image_id, result)
+            detections[image_id] = _coco_detections(image_id, result, class_ids)
     stats: Dict[str, Any] = {k: v / steps for k, v in sums.items()}
     # A DistributedSampler repeats a few images to even out the shards; the dict merge drops them.
     merged: Dict[int, List[Dict[str, Any]]] = {}
@@ -205,8 +252,18 @@ def evaluate(
         merged.update(part)
     if is_main_process():
         results = [d for image_id in sorted(merged) for d in merged[image_id]]
-        coco_stats = coco_evaluate(data_loader.dataset.coco, results, sorted(merged), backend=eval_backend)
-        stats["coco_eval_bbox"] = coco_stats.tolist()
+        if results_file is not None:
+            write_results(results_file, results)
+            print(f"{len(results)} detections on {len(merged)} images written to {results_file} (COCO results format)")
+        if ground_truth:
+            coco_stats = coco_evaluate(coco, results, sorted(merged), backend=eval_backend)
+            stats["coco_eval_bbox"] = coco_stats.tolist()
+        else:
+            source = getattr(data_loader.dataset, "ann_file", "the annotation file")
+            print(
+                f"{source} has no annotations (an image-info file, as COCO test-dev's): nothing to score, no AP"
+                + ("" if results_file else "; give --results_file to keep the detections")
+            )
     return stats
 
 

@@ -96,12 +96,19 @@ def _names(run_dirs: Sequence[str]) -> List[str]:
     return [n if names.count(n) == 1 else r for n, r in zip(names, run_dirs)]
 
 
+def _keys(field: str) -> List[str]:
+    """The log keys of a panel: test_<COCO name> for AP and the like, else train_ and test_."""
+    return [f"test_{field}"] if field in COCO_STAT_NAMES else [f"train_{field}", f"test_{field}"]
+
+
 def plot_logs(
-    run_dirs: Sequence[str], fields: Sequence[str] = DEFAULT_FIELDS, x: str = "step", columns: int = 3
+    run_dirs: Sequence[str], fields: Optional[Sequence[str]] = None, x: str = "step", columns: int = 3
 ) -> Figure:
     """A Figure with one panel per field and one colour per run: train_<field> solid, test_<field>
-    dashed (a COCO name: the val value only). x: "step" (optimizer steps) or "epoch". Raises
-    PlotLogsError for a run without a readable log, one without `x`, or a field no run logs."""
+    dashed (a COCO name: the val value only). fields None: those of DEFAULT_FIELDS that some run
+    logs (runs without evaluation, --no_eval, have no AP). x: "step" (optimizer steps) or "epoch".
+    Raises PlotLogsError for a run without a readable log, one without `x`, or a field given that
+    no run logs."""
     if not run_dirs:
         raise PlotLogsError("no RUN_DIR given")
     if x not in ("step", "epoch"):
@@ -111,6 +118,10 @@ def plot_logs(
         if any(not isinstance(line.get(x), (int, float)) for line in lines):
             other = "epoch" if x == "step" else "step"
             raise PlotLogsError(f"RUN_DIR {run_dir!r}: its log.txt lacks {x!r} on some lines (try --x {other})")
+    if fields is None:
+        fields = [f for f in DEFAULT_FIELDS if any(_series(lines, k) for lines in logs for k in _keys(f))]
+        if not fields:
+            raise PlotLogsError(f"no run's log.txt has any of {', '.join(DEFAULT_FIELDS)}: give --fields")
     names = _names(run_dirs)
     colours = [f"C{i % 10}" for i in range(len(run_dirs))]
 
@@ -120,7 +131,7 @@ def plot_logs(
     axes = list(fig.subplots(rows, columns, squeeze=False).flat)
     splits = False
     for ax, field in zip(axes, fields):
-        keys = [f"test_{field}"] if field in COCO_STAT_NAMES else [f"train_{field}", f"test_{field}"]
+        keys = _keys(field)
         drawn = False
         for lines, colour in zip(logs, colours):
             xs = [line[x] for line in lines]
@@ -159,8 +170,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument(
         "--fields",
         nargs="+",
-        default=list(DEFAULT_FIELDS),
-        help=f"quantities, one panel each (default: {' '.join(DEFAULT_FIELDS)})",
+        help=f"quantities, one panel each (default: those of {' '.join(DEFAULT_FIELDS)} that a run logs)",
     )
     p.add_argument("--x", choices=("step", "epoch"), default="step", help="the horizontal axis (default: step)")
     p.add_argument("--dpi", type=int, default=110)
@@ -173,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if folder:
         os.makedirs(folder, exist_ok=True)
     fig.savefig(args.output, dpi=args.dpi)
-    print(f"{len(args.run_dirs)} run{'s' if len(args.run_dirs) > 1 else ''}, {len(args.fields)} panels: {args.output}")
+    panels = sum(ax.axison for ax in fig.axes)
+    print(f"{len(args.run_dirs)} run{'s' if len(args.run_dirs) > 1 else ''}, {panels} panels: {args.output}")
 
 
 if __name__ == "__main__":

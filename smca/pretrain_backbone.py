@@ -29,6 +29,7 @@ from torchvision.ops import box_convert
 from .checkpoint import save_atomically
 from .config import BACKBONES, Config
 from .data import DatasetError, build_dataloader, build_dataset
+from .data.coco import class_ids
 from .distributed import seed_everything
 from .models.backbone import CHANNELS, STRIDES
 
@@ -46,7 +47,7 @@ def cell_labels(targets: Sequence[Dict[str, Tensor]], map_size: Sequence[int], s
         targets: per image dict(boxes (n, 4) cxcywh normalised by size, labels (n,), size (2,) (h, w)).
         map_size: (Hf, Wf) of the feature map over the padded batch; stride: its stride in pixels.
     Returns:
-        (B, Hf, Wf) int64: a category id, 0 for background, IGNORE outside the image.
+        (B, Hf, Wf) int64: a label, 0 for background (so labels start at 1), IGNORE outside the image.
     """
     height, width = map_size
     ys = (torch.arange(height, dtype=torch.float32) + 0.5) * stride  # cell centres in pixels
@@ -104,9 +105,11 @@ def pretrain_backbone(
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     dataset = build_dataset("train", cfg)
-    num_classes = max(dataset.categories) + 1
+    ids = class_ids(dataset.categories)  # sparse database ids: one class per category
+    num_classes = max(dataset.categories) + 1 if ids is None else len(ids)
+    dataset.set_classes(ids, num_classes)
     loader = build_dataloader(dataset, cfg.batch_size, cfg.num_workers, train=True, seed=cfg.seed)
-    model = _CellClassifier(cfg.backbone, num_classes).to(device)
+    model = _CellClassifier(cfg.backbone, num_classes + 1).to(device)  # + background, cell label 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
@@ -115,6 +118,7 @@ def pretrain_backbone(
     step = 0
     while step < steps:
         for images, _, targets in loader:
+            targets = [dict(t, labels=t["labels"] + 1) for t in targets]  # class c is cell label c + 1
             logits = model(images.to(device))
             loss = images.new_zeros(())
             correct = labelled = 0

@@ -35,17 +35,25 @@ config (or --backbone_weights) names.
 Every epoch: train, evaluate on val (COCO's 12-line summary), append a JSON line to
 OUTPUT_DIR/log.txt and atomically rewrite OUTPUT_DIR/checkpoint.pth (a checkpoint already there is
 only continued, with --resume, never overwritten by a new run); the log's "step" counts
-optimizer steps since the run began. --resume continues from a checkpoint, exactly with the same
-flags; the run's own training settings (lr, lr_backbone, weight_decay, lr_drop, batch_size, seed,
-...) apply from its first epoch, and a note lists those that differ. Input errors (missing data,
-malformed annotations, a listed image file that is missing or not an image, a checkpoint of
-another model) stop the run before anything in OUTPUT_DIR is written. A non-finite loss stops
-training (exit status 1), and an image that turns out damaged when read (a truncated file) stops
-it (exit status 2) naming the file and image id; either leaves the last checkpoint as it was.
+optimizer steps since the run began. --no_eval trains without evaluating, as does a data set
+without a val set (no annotations/instances_val2017.json, or one listing no images; a note says
+so); --eval needs one. A run locks OUTPUT_DIR for its life (smca.run_files: a second run into it
+is refused; a killed run's lock goes with its process). Every file is written whole or not at
+all: a write that fails (a full disk) stops the run with one error naming the file, the reason
+and the checkpoint kept (its epoch), and leaves no temporary file. --resume continues from a
+checkpoint, exactly with the same flags; the run's own training settings (lr, lr_backbone,
+weight_decay, lr_drop, batch_size, seed, ...) apply from its first epoch, and a note lists those
+that differ. Input errors (missing data, malformed annotations, a listed image file that is
+missing or not an image, a checkpoint of another model, a training set smaller than one batch per
+process, settings torch would refuse) stop the run before anything in OUTPUT_DIR is written. A
+non-finite loss stops training (exit status 1), and an image that turns out damaged when read (a
+truncated file) stops it (exit status 2) naming the file and image id; either leaves the last
+checkpoint as it was.
 """
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -63,6 +71,7 @@ from .checkpoint import (
     config_to_restore,
     is_weights_only,
     load_checkpoint,
+    one_line,
     restore,
     rng_state,
     save_checkpoint,
@@ -87,7 +96,8 @@ from .config import (
 from .data import DatasetError, build_dataloader, build_dataset
 from .data.transforms import capped_sizes_note
 from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process, seed_everything
-from .engine import COCO_STAT_NAMES, NonFiniteLossError, evaluate, train_one_epoch
+from .engine import COCO_STAT_NAMES, NonFiniteLossError, check_results_path, evaluate, train_one_epoch
+from .run_files import OutputError, append_line, lock_output_dir, write_text
 
 __all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport",
            "set_matmul_precision", "main"]
@@ -199,6 +209,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--eval", action="store_true", help="only evaluate on val2017 and print COCO's summary")
     g.add_argument(
+        "--results_file",
+        metavar="FILE",
+        help="also write the detections on val2017 to FILE as COCO's results JSON (image_id, category_id as the "
+        "annotation file's, bbox [x, y, w, h] in pixels, score): a COCO test-dev submission or another scorer's "
+        "input; rewritten atomically by every evaluation; an image-info file without annotations (test-dev's) "
+        "is not scored, only written",
+    )
+    g.add_argument(
+        "--no_eval",
+        action="store_true",
+        help="train without evaluating (no val2017 needed; a data set without one trains so too, with a "
+        "note); checkpoints and log.txt are written as usual",
+    )
+    g.add_argument(
         "--tensorboard",
         action="store_true",
         help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard: each loss term, lr, COCO AP, per epoch",
@@ -236,15 +260,59 @@ def chosen_fields(args: argparse.Namespace) -> Set[str]:
     return set(_chosen_values(args))
 
 
-def _set_num_classes(cfg: Config, given: Optional[str], categories: Dict[int, str]) -> None:
-    """Default num_classes to the largest category id + 1 (the sigmoid head has no background
-    class, labels index the logits directly); check a given value against the data. given: None,
-    or where cfg.num_classes came from, for the error: "--num_classes", "the checkpoint's num_classes"."""
-    needed = max(categories) + 1
+def _set_num_classes(
+    cfg: Config, given: Optional[str], categories: Dict[int, str], state: Optional[Dict] = None
+) -> tuple[Dict[int, str], Optional[List[int]]]:
+    """Set cfg.num_classes and which category id each class stands for (smca.data.class_ids:
+    None, the ids themselves, as DETR's COCO head; or the data's ids in increasing order, for
+    ids far beyond their count). Returns (the categories the run's checkpoints keep, from which
+    smca.predict and a later --resume read the same classes back; the class ids).
+
+    given: None (num_classes from the data), or where cfg.num_classes came from, for the errors:
+    "--num_classes", "the checkpoint's num_classes". state: the checkpoint of --resume or
+    --finetune. With --resume the classes keep the categories the checkpoint's stand for (its
+    own categories; one saved without any: the ids themselves) and every category id of the
+    data must be among them. With --finetune a note says so when the class head is kept (as
+    many classes) while its classes stand for other category ids than in the checkpoint.
+    Raises DatasetError.
+    """
+    from .data.coco import class_ids
+
+    saved = dict((state or {}).get("categories") or {})
     if given is None:
-        cfg.num_classes = needed
-    elif cfg.num_classes < needed:
-        raise DatasetError(f"{given} {cfg.num_classes} is too small: the data has category id {needed - 1}")
+        ids = class_ids(categories)
+        cfg.num_classes = max(categories) + 1 if ids is None else len(ids)
+    elif cfg.resume and not saved:
+        ids = None  # a checkpoint that names no categories: its classes are the ids themselves
+    else:
+        try:
+            ids = class_ids(saved if cfg.resume else categories, cfg.num_classes)
+        except ValueError as err:
+            raise DatasetError(f"{given} {cfg.num_classes}: {err}") from None
+    outside = sorted(set(categories) - (set(range(cfg.num_classes)) if ids is None else set(ids)))
+    if outside and ids is None:
+        raise DatasetError(f"{given} {cfg.num_classes} is too small: the data has category id {outside[-1]}")
+    if outside:
+        raise DatasetError(
+            f"{given} {cfg.num_classes}: the data's category ids {outside[:10]} are not among the {len(ids)} the "
+            f"checkpoint's classes stand for ({ids[:10]}{' ...' if len(ids) > 10 else ''}); --resume continues "
+            "with the checkpoint's categories: start a new run from its weights with --finetune instead"
+        )
+    if cfg.finetune and saved and state["config"].get("num_classes") == cfg.num_classes and is_main_process():
+        try:
+            before = class_ids(saved, cfg.num_classes) or list(range(cfg.num_classes))
+        except ValueError:
+            before = None
+        after = ids or list(range(cfg.num_classes))
+        if before is not None and before != after:
+            changed = [f"class {i}: id {b} -> {a}" for i, (b, a) in enumerate(zip(before, after)) if a != b]
+            print(
+                f"{PROG}: note: --finetune {cfg.finetune}: its class head is kept ({cfg.num_classes} classes) but "
+                f"its classes stand for other category ids here ({', '.join(changed[:5])}"
+                f"{' ...' if len(changed) > 5 else ''}); they start from what was learnt for the checkpoint's",
+                file=sys.stderr,
+            )
+    return (saved if cfg.resume and ids is not None else categories), ids
 
 
 def _checkpoint_config(state: Dict, flag: str, path: str) -> Config:
@@ -393,9 +461,7 @@ def _trim_log(path: str, start_epoch: int) -> None:
         except (ValueError, KeyError, TypeError):  # a line cut short by a killed run
             pass
     if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_text(path, "".join(keep))
 
 
 class _TensorBoard:
@@ -459,14 +525,125 @@ def _check_no_work_is_overwritten(cfg: Config) -> None:
         )
 
 
+def _validation_set(cfg: Config):
+    """(the val split, None), or (None, why there is none) when training goes without evaluation:
+    --no_eval, or a data set whose annotations/instances_val2017.json is absent, empty or lists no
+    images. Raises DatasetError for a val set that is malformed, and for --eval without one."""
+    if cfg.no_eval:
+        return None, "--no_eval"
+    ann_file = os.path.join(cfg.coco_path or "", "annotations", "instances_val2017.json")
+    if cfg.coco_path and os.path.isdir(cfg.coco_path) and not os.path.exists(ann_file):
+        why = f"there is no {ann_file}"
+    else:
+        try:
+            return build_dataset("val", cfg), None
+        except DatasetError:
+            if not _lists_no_images(ann_file):
+                raise
+        why = f"{ann_file} lists no images"
+    if cfg.eval:
+        raise DatasetError(
+            f"--eval: no validation set to evaluate on: {why}; evaluation reads COCO's val2017/ images and "
+            "annotations/instances_val2017.json under --coco_path"
+        )
+    return None, why
+
+
+def _lists_no_images(ann_file: str) -> bool:
+    """True for an annotation file that is blank or whose "images" list is empty or absent."""
+    try:
+        with open(ann_file, encoding="utf-8-sig") as f:
+            text = f.read()
+        return not text.strip() or not json.loads(text).get("images")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: build_dataset says so
+        return False
+
+
+def _check_batches(cfg: Config, dataset_train, world_size: int) -> None:
+    """DatasetError when the training set holds less than one batch per process: an epoch drops
+    its last incomplete batch, as DETR's does, so nothing would train."""
+    images = len(dataset_train)
+    share = math.ceil(images / world_size)  # DistributedSampler's per process
+    if share >= cfg.batch_size:
+        return
+    where = getattr(dataset_train, "ann_file", "the training set")
+    if world_size == 1:
+        raise DatasetError(
+            f"--batch_size {cfg.batch_size}: {where} lists {images} training image{'s' * (images != 1)}, fewer than "
+            f"one batch (an epoch drops its last incomplete batch): give --batch_size {images} or less, or more images"
+        )
+    raise DatasetError(
+        f"--batch_size {cfg.batch_size} on each of {world_size} processes: {where} lists {images} training "
+        f"image{'s' * (images != 1)}, {share} per process, fewer than one batch (an epoch drops its last incomplete "
+        f"batch): give --batch_size {share} or less, fewer processes, or more images"
+    )
+
+
+def _check_queries(cfg: Config, dataset_train) -> None:
+    """A warning when a training image has more objects than the model has queries: the matching
+    pairs each query with one object, so in that image some objects are never learnt (allowed, as
+    in DETR: a crowded image or two need not set the query count)."""
+    objects = {
+        image_id: sum(1 for a in anns if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0)
+        for image_id, anns in dataset_train.coco.imgToAnns.items()
+    }
+    crowded = sorted((n, image_id) for image_id, n in objects.items() if n > cfg.num_queries)
+    if crowded and is_main_process():
+        most, image_id = crowded[-1]
+        name = dataset_train.coco.imgs[image_id]["file_name"]
+        print(
+            f"{PROG}: warning: --num_queries {cfg.num_queries}: {len(crowded)} image{'s' * (len(crowded) != 1)} of "
+            f"{dataset_train.ann_file} have more objects than queries, which detect one object each (the most: "
+            f"image id {image_id}, {name!r}, {most} objects); their objects beyond {cfg.num_queries} are never "
+            f"learnt: give --num_queries {most} or more to learn them all",
+            file=sys.stderr,
+        )
+
+
+def _lock_run(cfg: Config, main_process: bool):
+    """Lock cfg.output_dir for this run (rank 0 only writes, so it alone locks) and check, under
+    the lock, that no earlier run's checkpoint would be replaced. Every process gets rank 0's
+    verdict, so that all stop together. Returns the lock (rank 0) or None."""
+    lock, refusal = None, None
+    if main_process and cfg.output_dir:
+        try:
+            lock = lock_output_dir(cfg.output_dir)
+            _check_no_work_is_overwritten(cfg)  # again: another run may have finished meanwhile
+        except (OutputError, CheckpointError) as err:
+            if lock is not None:
+                lock.release()
+            refusal = err
+    verdict = all_gather_object(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if verdict is not None:
+        raise OutputError(verdict, cfg.output_dir)
+    return lock
+
+
+def _kept(checkpoint_path: Optional[str], epoch: Optional[int], good: str = "") -> str:
+    """Which checkpoint a run that stops leaves, for its error message."""
+    if checkpoint_path and epoch is not None and os.path.isfile(checkpoint_path):
+        return f"The last {good}checkpoint, {checkpoint_path}, is left as it was (epoch {epoch})"
+    return "No checkpoint was written"
+
+
+def _write_remedy(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable"
+    return "fix the cause"
+
+
 def _error_text(err: Exception) -> str:
     """The error's own message: re-raised from a DataLoader worker process, it comes after the
     worker's traceback."""
     text = str(err).rstrip()
     marker = f"{type(err).__name__}: "
     if text.startswith(f"Caught {type(err).__name__} in DataLoader worker") and marker in text:
-        return text.rsplit(marker, 1)[1]
-    return text
+        text = text.rsplit(marker, 1)[1]
+    return one_line(text)
 
 
 def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
@@ -475,29 +652,22 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
     chosen: the Config fields the user set (main: by flag, --preset or --schedule); with a
     checkpoint (resume, finetune) the architecture fields not among them are the checkpoint's.
     None: every field that is not None (num_classes None: from the data, or the checkpoint
-    resumed). Raises DatasetError, CheckpointError or NonFiniteLossError.
+    resumed). Raises DatasetError, CheckpointError, NonFiniteLossError or OutputError (a file
+    that cannot be written, an output folder in use by another run).
     """
     from .models import build_model  # the model stack is heavy; `--help` should not wait for it
 
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
-    set_matmul_precision(cfg.matmul_precision, device)
     main_process = is_main_process()
-    seed_everything(cfg.seed + dist_info.rank)
-
-    # Check every input before anything is written.
-    dataset_val = build_dataset("val", cfg)
-    dataset_train = None if cfg.eval else build_dataset("train", cfg)
-    categories = (dataset_train or dataset_val).categories
-    note = capped_sizes_note((cfg.eval_size,) + (() if cfg.eval else cfg.min_sizes), cfg.max_size)
-    if note and main_process:
-        print(f"{PROG}: note: {note}", file=sys.stderr)
+    # The checkpoint's settings first: the data's sizes, the seed and the loss recipe of a
+    # resumed run are its own unless given (--eval then measures the run as it evaluated itself).
     if chosen is None:
         chosen = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is not None}
     num_classes_from = "--num_classes" if cfg.num_classes is not None and "num_classes" in chosen else None
     state = finetune = None
     if cfg.resume:
-        state = load_checkpoint(cfg.resume)
+        state = load_checkpoint(cfg.resume, flag="--resume")
         if is_weights_only(state) and not cfg.eval:
             origin = f" (converted from {state['converted_from']})" if state.get("converted_from") else ""
             raise CheckpointError(
@@ -514,16 +684,42 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
         num_classes_from = num_classes_from or "the checkpoint's num_classes"
     elif cfg.finetune:
         finetune = cfg.finetune
-        state = load_checkpoint(finetune)
+        state = load_checkpoint(finetune, flag="--finetune")
         saved = _checkpoint_config(state, "--finetune", finetune)
         # num_classes is the data's (or --num_classes), as for any new run.
         cfg = _take_architecture(
             cfg, chosen, saved, "--finetune", finetune, keep=("num_classes",), fields=ARCHITECTURE_FIELDS + LOSS_FIELDS
         )
-    _set_num_classes(cfg, num_classes_from, categories)
+    set_matmul_precision(cfg.matmul_precision, device)
+    seed_everything((cfg.seed + dist_info.rank) % 2**32)
+
+    # Check every input before anything is written.
+    dataset_val, no_val = _validation_set(cfg)
+    dataset_train = None if cfg.eval else build_dataset("train", cfg)
+    if dataset_val is None and not cfg.no_eval and main_process:
+        print(f"{PROG}: note: {no_val}: training without evaluation (--no_eval does so on purpose)", file=sys.stderr)
+    categories = (dataset_train or dataset_val).categories
+    note = capped_sizes_note((cfg.eval_size,) + (() if cfg.eval else cfg.min_sizes), cfg.max_size)
+    if note and main_process:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    categories, classes = _set_num_classes(cfg, num_classes_from, categories, state)
+    for dataset in (dataset_train, dataset_val):
+        if dataset is not None:
+            dataset.set_classes(classes, cfg.num_classes)
     if cfg.resume:
         check_compatible(state, cfg, cfg.resume)
     _check_no_work_is_overwritten(cfg)
+    if cfg.results_file is not None:
+        check_results_path(cfg.results_file)  # not at the first evaluation, an epoch later
+    if not cfg.eval:
+        _check_batches(cfg, dataset_train, dist_info.world_size)
+        _check_queries(cfg, dataset_train)
+        if cfg.lr_drop >= cfg.epochs and main_process:
+            print(
+                f"{PROG}: note: --lr_drop {cfg.lr_drop} is not below --epochs {cfg.epochs}: the learning rate "
+                "never drops (it is multiplied by 0.1 every lr_drop epochs)",
+                file=sys.stderr,
+            )
 
     if finetune:
         # Every weight comes from the checkpoint (a missing one is an error), the backbone's too.
@@ -564,7 +760,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
         device_ids = [dist_info.local_rank] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    loader_val = build_dataloader(
+    loader_val = None if dataset_val is None else build_dataloader(
         dataset_val, cfg.batch_size, cfg.num_workers, train=False, distributed=dist_info.distributed
     )
     progress = cfg.progress
@@ -573,11 +769,17 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
     if cfg.eval:
         if state is not None:
             restore(state, model_without_ddp, rank=None)
-        stats = evaluate(model, criterion, postprocessor, loader_val, device, cfg.amp, progress)
-        if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(output_dir, "eval.json"), "w") as f:
-                json.dump({f"test_{k}": v for k, v in stats.items()}, f)
+        lock = _lock_run(cfg, main_process)
+        try:
+            stats = evaluate(
+                model, criterion, postprocessor, loader_val, device, cfg.amp, progress, results_file=cfg.results_file
+            )
+            if output_dir:
+                eval_stats = {f"test_{k}": v for k, v in stats.items()}
+                write_text(os.path.join(output_dir, "eval.json"), json.dumps(eval_stats))
+        finally:
+            if lock is not None:
+                lock.release()
         return
 
     loader_train = build_dataloader(
@@ -627,33 +829,34 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
     del state
 
     checkpoint_path = os.path.join(cfg.output_dir, "checkpoint.pth") if cfg.output_dir else None
+    # The epoch of the checkpoint in OUTPUT_DIR, for the message of a run that stops: the one
+    # resumed (only a resume may find one there), then each one written.
+    saved_epoch = start_epoch - 1 if cfg.resume and start_epoch > 0 else None
     tensorboard = None
-    if output_dir:
-        log_path = os.path.join(output_dir, "log.txt")
-        os.makedirs(output_dir, exist_ok=True)
-        _trim_log(log_path, start_epoch)
-        with open(os.path.join(output_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
-        if cfg.tensorboard:
-            tensorboard = _TensorBoard(output_dir, start_epoch)
-    if main_process:
-        todo = (
-            f"epochs {start_epoch}..{cfg.epochs - 1}"
-            if start_epoch < cfg.epochs
-            else f"nothing to train ({start_epoch} epochs done, --epochs {cfg.epochs})"
-        )
-        print(
-            f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
-            f"{len(dataset_train)} training images, {todo}, device {device}"
-        )
-        if cfg.lr_backbone <= 0 and cfg.backbone_weights is None and not cfg.resume and not finetune:
-            print(
-                f"{PROG}: warning: lr_backbone {cfg.lr_backbone} keeps the backbone frozen at random weights; "
-                "give --backbone_weights (smca.pretrain_backbone makes some) or a positive --lr_backbone",
-                file=sys.stderr,
-            )
-
+    lock = _lock_run(cfg, main_process)
     try:
+        if output_dir:
+            log_path = os.path.join(output_dir, "log.txt")
+            _trim_log(log_path, start_epoch)
+            write_text(os.path.join(output_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
+            if cfg.tensorboard:
+                tensorboard = _TensorBoard(output_dir, start_epoch)
+        if main_process:
+            todo = (
+                f"epochs {start_epoch}..{cfg.epochs - 1}"
+                if start_epoch < cfg.epochs
+                else f"nothing to train ({start_epoch} epochs done, --epochs {cfg.epochs})"
+            )
+            print(
+                f"{PROG}: {cfg.model} ({n_parameters / 1e6:.2f}M trainable parameters), "
+                f"{len(dataset_train)} training images, {todo}, device {device}"
+            )
+            if cfg.lr_backbone <= 0 and cfg.backbone_weights is None and not cfg.resume and not finetune:
+                print(
+                    f"{PROG}: warning: lr_backbone {cfg.lr_backbone} keeps the backbone frozen at random weights; "
+                    "give --backbone_weights (smca.pretrain_backbone makes some) or a positive --lr_backbone",
+                    file=sys.stderr,
+                )
         for epoch in range(start_epoch, cfg.epochs):
             start = time.time()
             if dist_info.distributed:
@@ -664,7 +867,9 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
             )
             step += len(loader_train)  # train_one_epoch takes one optimizer step per batch
             lr_scheduler.step()
-            test_stats = evaluate(model, criterion, postprocessor, loader_val, device, cfg.amp, progress)
+            test_stats = {} if loader_val is None else evaluate(
+                model, criterion, postprocessor, loader_val, device, cfg.amp, progress, results_file=cfg.results_file
+            )
             log = {
                 **{f"train_{k}": v for k, v in train_stats.items()},
                 **{f"test_{k}": v for k, v in test_stats.items()},
@@ -678,8 +883,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
             # if the run stopped before its checkpoint.
             rng_states = all_gather_object(rng_state())
             if output_dir:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(log) + "\n")
+                append_line(log_path, json.dumps(log))
                 if tensorboard is not None:
                     tensorboard.log(log, epoch, lrs)
                 save_checkpoint(
@@ -694,28 +898,32 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
                     categories=categories,
                     rng_states=rng_states,
                 )
+            saved_epoch = epoch
             if main_process:
-                print(
-                    f"epoch {epoch}: loss {train_stats['loss']:.4f}, {_ap_line(test_stats.get('coco_eval_bbox'))}, "
-                    f"{log['epoch_time']:.1f} s"
-                )
+                parts = [f"loss {train_stats['loss']:.4f}", _ap_line(test_stats.get("coco_eval_bbox"))]
+                print(f"epoch {epoch}: " + ", ".join(p for p in parts if p) + f", {log['epoch_time']:.1f} s")
             barrier()
     except NonFiniteLossError as err:
-        if checkpoint_path and os.path.isfile(checkpoint_path):
-            raise NonFiniteLossError(
-                f"{err}. The last good checkpoint, {checkpoint_path}, is left as it was."
-            ) from None
-        raise NonFiniteLossError(f"{err}. No checkpoint was written.") from None
+        kept = _kept(checkpoint_path, saved_epoch, "good ")
+        again = f"continue from it with --resume {checkpoint_path}" if kept.startswith("The last") else "start again"
+        raise NonFiniteLossError(
+            f"{err}. {kept}: {again} with a lower --lr (or --amp off, if it was fp16)"
+        ) from None
     except DatasetError as err:  # an image that only decoding shows damaged (smca.data.coco)
-        if checkpoint_path and os.path.isfile(checkpoint_path):
-            raise DatasetError(
-                f"{_error_text(err)}. The last checkpoint, {checkpoint_path}, is left as it was: fix the file "
-                f"(or take it out of the annotations), then continue with --resume {checkpoint_path}"
-            ) from None
-        raise DatasetError(f"{_error_text(err)}. No checkpoint was written.") from None
+        kept = _kept(checkpoint_path, saved_epoch)
+        if kept.startswith("The last"):
+            kept += f": fix the file (or take it out of the annotations), then continue with --resume {checkpoint_path}"
+        raise DatasetError(f"{_error_text(err)}. {kept}") from None
+    except OSError as err:  # a file that cannot be written (OutputError): a full disk, a quota, permissions
+        kept = _kept(checkpoint_path, saved_epoch)
+        remedy = _write_remedy(err)
+        then = f"continue with --resume {checkpoint_path}" if kept.startswith("The last") else "start the run again"
+        raise OutputError(f"{err}. {kept}: {remedy}, then {then}", getattr(err, "path", None)) from None
     finally:
         if tensorboard is not None:
             tensorboard.close()
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -727,14 +935,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg = build_config(args)
     except ValueError as err:
         parser.error(str(err))
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        parser.error(f"--device {cfg.device}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     try:
         run(cfg, chosen_fields(args))
-    except (DatasetError, CheckpointError) as err:
+    except (DatasetError, CheckpointError, OSError) as err:  # OSError: OutputError, a file that cannot be written
         parser.exit(2, f"{PROG}: error: {_error_text(err)}\n")
     except NonFiniteLossError as err:
-        parser.exit(1, f"{PROG}: {err}\n")
+        parser.exit(1, f"{PROG}: error: {_error_text(err)}\n")
     finally:
         cleanup()
 

@@ -98,7 +98,15 @@ def draw_detections(
     list, choose first), else below it, or is stacked under the others. With a threshold or a
     caption, a strip under the picture says "score > threshold: K detections" and the caption;
     H' then includes that strip.
+
+    Raises ValueError for an image that is not (3, H, W) uint8 (boxes and scores may have any
+    floating dtype).
     """
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"image: expected a (3, H, W) uint8 picture, got {tuple(image.shape)} {image.dtype} "
+            "(float pictures in [0, 1]: (image * 255).round().to(torch.uint8))"
+        )
     image = image.detach().cpu()
     height, width_px = image.shape[-2:]
     scale = max(1.0, min_side / max(min(height, width_px), 1))

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .checks import SpatialShapes, check_coattention, check_kernel_input, coordinate_dtype, kernel_takes, normalise_shapes
+from .checks import (
+    SpatialShapes, check_coattention, check_kernel_input, coordinate_dtype, kernel_takes, normalise_shapes, shapes_from_flat,
+)
 
 try:
     from . import _C  # noqa: F401  (registers the torch.ops.smca schemas and C++ kernels)
@@ -215,14 +217,7 @@ def coattention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], len(spatial_shapes))
     if backend == "reference":
-        if alpha is None:
-            return reference.gaussian_coattention(
-                q, k, v, centers[:, :, :, 0], precision[:, :, :, 0], spatial_shapes[0], key_padding_mask,
-                scale=scale, dropout_p=dropout_p,
-            )
-        return reference.scale_selective_coattention(
-            q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, scale=scale, dropout_p=dropout_p
-        )
+        return _reference(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, scale, dropout_p)
     dtype = coordinate_dtype(q.dtype)
     centers, precision = centers.to(dtype), precision.to(dtype)
     alpha = None if alpha is None else alpha.to(dtype)
@@ -237,11 +232,25 @@ def coattention(
     return forward(*args)[0]
 
 
-def _dropout_seed(dropout_p: float) -> int:
-    """A fresh seed from torch's default generator (so torch.manual_seed reproduces it)."""
+def _reference(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, scale, dropout_p) -> Tensor:
+    """The reference in the level form (coattention's arguments), differentiated by autograd."""
+    if alpha is None:
+        return reference.gaussian_coattention(
+            q, k, v, centers[:, :, :, 0], precision[:, :, :, 0], spatial_shapes[0], key_padding_mask,
+            scale=scale, dropout_p=dropout_p,
+        )
+    return reference.scale_selective_coattention(
+        q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, scale=scale, dropout_p=dropout_p
+    )
+
+
+def _dropout_seed(dropout_p: float) -> Optional[Tensor]:
+    """The device ops' dropout key: a fresh one-element int64 CPU tensor from torch's default
+    generator (so torch.manual_seed reproduces it), None without dropout. A tensor and not an
+    int: reading it in Python (.item()) would break torch.compile's graph at every call."""
     if dropout_p == 0.0:
-        return 0
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +267,9 @@ def _triton_forward(q, k, v, centers, precision, alpha, spatial_shapes, key_padd
     _check_triton_device(q.device)
     from .triton import coattention_forward
 
-    return coattention_forward(q, k, v, centers, precision, alpha, list(spatial_shapes), key_padding_mask, scale, dropout_p, seed)
+    return coattention_forward(
+        q, k, v, centers, precision, alpha, list(spatial_shapes), key_padding_mask, scale, dropout_p, seed
+    )
 
 
 def _triton_backward(grad_out, q, k, v, centers, precision, alpha, out_levels, lse, spatial_shapes, key_padding_mask, scale, dropout_p, seed):
@@ -291,8 +302,10 @@ def _setup_context(ctx, inputs, output):
     q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, scale, dropout_p, seed = inputs
     out, out_levels, lse = output
     # One level: the backward takes out (B, H, Nq, D) as the level's output.
-    ctx.save_for_backward(q, k, v, centers, precision, alpha, out if alpha is None else out_levels, lse, key_padding_mask)
-    ctx.args = (list(spatial_shapes), scale, dropout_p, seed)
+    ctx.save_for_backward(
+        q, k, v, centers, precision, alpha, out if alpha is None else out_levels, lse, key_padding_mask, seed
+    )
+    ctx.args = (list(spatial_shapes), scale, dropout_p)
 
 
 def _backward_with(backward_op):
@@ -300,15 +313,41 @@ def _backward_with(backward_op):
     shares one contract, so one formula serves every backend)."""
 
     def backward(ctx, grad_out, grad_out_levels=None, grad_lse=None):
-        q, k, v, centers, precision, alpha, out_levels, lse, key_padding_mask = ctx.saved_tensors
-        spatial_shapes, scale, dropout_p, seed = ctx.args
-        if alpha is None:
-            out_levels = out_levels.unsqueeze(3)
+        q, k, v, centers, precision, alpha, out_levels, lse, key_padding_mask, seed = ctx.saved_tensors
+        spatial_shapes, scale, dropout_p = ctx.args
+        no_grad = (None,) * 5  # spatial_shapes, key_padding_mask, scale, dropout_p, seed
+        if grad_out is None:  # out unused (set_materialize_grads(False)): every gradient is zero
+            return (None,) * 6 + no_grad
+        inputs = (q, k, v, centers, precision, alpha)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiated
+            grads = _differentiable_grads(backward_op, grad_out, inputs, spatial_shapes, key_padding_mask, scale, dropout_p)
+            return (*grads, *no_grad)
         dq, dk, dv, dcenters, dprecision, dalpha = backward_op(
-            grad_out.contiguous(), q, k, v, centers, precision, alpha, out_levels, lse, spatial_shapes,
-            key_padding_mask, scale, dropout_p, seed,
+            grad_out.contiguous(), *inputs, out_levels.unsqueeze(3) if alpha is None else out_levels, lse,
+            spatial_shapes, key_padding_mask, scale, dropout_p, seed,
         )
-        return dq, dk, dv, dcenters, dprecision, dalpha if alpha is not None else None, None, None, None, None, None
+        return (dq, dk, dv, dcenters, dprecision, dalpha if alpha is not None else None, *no_grad)
+
+    return backward
+
+
+def _differentiable_grads(backward_op, grad_out, inputs, spatial_shapes, key_padding_mask, scale, dropout_p):
+    """First-order gradients that autograd can differentiate again (a gradient penalty, a
+    Hessian-vector product, gradgradcheck): the backward kernels have no derivative of their own,
+    so they come from the reference recomputed on the saved inputs, whose graph reaches back to
+    them. The kernel's dropout mask is not the reference's: with dropout it is an error."""
+    if dropout_p > 0.0:
+        backend = "triton" if backward_op == torch.ops.smca._triton_coattention_backward.default else inputs[0].device.type
+        raise RuntimeError(
+            f"backend {backend!r}: gradients of gradients (create_graph=True) with dropout_p = {dropout_p} are not "
+            "supported: the kernel's dropout mask cannot be replayed by the reference. Use backend='reference' for "
+            "higher-order gradients with dropout, or dropout_p=0 (e.g. the model in eval mode)"
+        )
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        out = _reference(*inputs, shapes_from_flat(spatial_shapes), key_padding_mask, scale, 0.0)
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
 
     return backward
 
@@ -352,13 +391,13 @@ def _register() -> None:
     lib = torch.library.Library("smca", "FRAGMENT")  # noqa: the ops live as long as the process
     lib.define(
         "_triton_coattention_forward(Tensor q, Tensor k, Tensor v, Tensor centers, Tensor precision, "
-        "Tensor? alpha, int[] spatial_shapes, Tensor? key_padding_mask, float scale, float dropout_p, "
-        "int seed) -> (Tensor out, Tensor out_levels, Tensor lse)"
+        "Tensor? alpha, SymInt[] spatial_shapes, Tensor? key_padding_mask, float scale, float dropout_p, "
+        "Tensor? seed) -> (Tensor out, Tensor out_levels, Tensor lse)"
     )
     lib.define(
         "_triton_coattention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor centers, "
-        "Tensor precision, Tensor? alpha, Tensor out_levels, Tensor lse, int[] spatial_shapes, "
-        "Tensor? key_padding_mask, float scale, float dropout_p, int seed) -> (Tensor grad_q, Tensor grad_k, "
+        "Tensor precision, Tensor? alpha, Tensor out_levels, Tensor lse, SymInt[] spatial_shapes, "
+        "Tensor? key_padding_mask, float scale, float dropout_p, Tensor? seed) -> (Tensor grad_q, Tensor grad_k, "
         "Tensor grad_v, Tensor grad_centers, Tensor grad_precision, Tensor grad_alpha)"
     )
     _register.library = lib

@@ -158,6 +158,7 @@ def device_kernel_results(forward, backward, case: Case, t: dict, grad_out: torc
     args = (t["q"].detach(), t["k"].detach(), t["v"].detach(), *coords, None if alpha is None else alpha.detach())
     flat = [n for shape in case.shapes for n in shape]
     scale = case.D**-0.5
+    seed = torch.tensor(seed, dtype=torch.int64)  # the ops take the dropout key as a CPU tensor
     out, out_levels, lse = forward(*args, flat, t["mask"], scale, dropout_p, seed)
     saved = out_levels if case.multi else out.unsqueeze(3)
     grad_out = grad_out.to(device=out.device, dtype=out.dtype)

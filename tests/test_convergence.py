@@ -4,8 +4,10 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from smca import Config
 from smca.config import PRESETS
 from smca.data.synthetic import make_dataset
 from smca.models import build_model
+import smca.pretrain_backbone as pretrain_module
 from smca.pretrain_backbone import IGNORE, cell_labels, pretrain_backbone
 from smca.train import build_config, get_args_parser
 
@@ -63,6 +66,36 @@ def test_cell_labels_smallest_covering_box_and_padding():
     background = torch.zeros(4, 8, dtype=torch.int64)
     background[:, 6:] = IGNORE
     assert torch.equal(cell_labels([empty], (4, 8), 16)[0], background)
+
+
+def test_pretraining_on_database_category_ids(data_root, tmp_path):
+    """Category ids as databases write them (74673216...) get one class each, not a head of the
+    largest id's size; a category with id 0 does not become the background."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}2017.json"
+        coco = json.loads(path.read_text())
+        new_id = {c["id"]: 74673216 + 1000 * i for i, c in enumerate(coco["categories"])}
+        for entry in coco["categories"] + coco["annotations"]:
+            key = "id" if "name" in entry else "category_id"
+            entry[key] = new_id[entry[key]]
+        path.write_text(json.dumps(coco))
+    cfg = Config(
+        backbone="resnet18", coco_path=str(root), batch_size=2, num_workers=0, device="cpu",
+        min_sizes=(64,), eval_size=64, max_size=96,
+    )  # fmt: skip
+    heads = []
+    original = pretrain_module._CellClassifier.__init__
+
+    def record(self, name, num_classes):
+        heads.append(num_classes)
+        original(self, name, num_classes)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrain_module._CellClassifier, "__init__", record)
+        final = pretrain_backbone(cfg, str(tmp_path / "backbone.pth"), steps=1, progress=False)
+    assert heads == [len(new_id) + 1] and math.isfinite(final["loss"])
 
 
 def test_pretrained_backbone_loads_into_the_detector(data_root, tmp_path):

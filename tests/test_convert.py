@@ -167,7 +167,7 @@ def test_mismatches_are_named(tmp_path):
     with pytest.raises(ConversionError, match="use --source smca-detr"):
         convert(path, out, "detr")
     detr_path, _, _ = _reference(tmp_path, "detr")
-    with pytest.raises(ConversionError, match="no reference-point head"):
+    with pytest.raises(ConversionError, match="no reference-point head .*give --source detr"):
         convert(detr_path, out, "smca-detr")
     # args that disagree with the weights (type2 said, type3's 16 scales held)
     save_main_py_checkpoint(path, "smca-detr", state, main_py_args("smca-detr", **SMALL, dynamic_scale="type2"))
@@ -182,19 +182,19 @@ def test_mismatches_are_named(tmp_path):
 
 def test_unreadable_and_unsafe_files(tmp_path):
     out = str(tmp_path / "out.pth")
-    with pytest.raises(ConversionError, match="no such file"):
+    with pytest.raises(ConversionError, match="missing.pth' does not exist; give the .pth file"):
         convert(str(tmp_path / "missing.pth"), out, "detr")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConversionError, match="cannot be read"):
+    with pytest.raises(ConversionError, match="cannot be read as a PyTorch checkpoint.*copy or download it again"):
         convert(str(garbage), out, "detr")
     # A pickle that would run code when loaded without weights_only: refused, and not run.
     marker = tmp_path / "ran"
     path = str(tmp_path / "evil.pth")
     torch.save({"model": {}, "args": _Evil(str(marker))}, path)
-    with pytest.raises(ConversionError, match="cannot be read"):
+    with pytest.raises(ConversionError, match=r"holds a Python object \(io.open\) .*if you trust") as error:
         convert(path, out, "detr")
-    assert not marker.exists()
+    assert not marker.exists() and "\x1b" not in str(error.value)
     torch.save({"model": {"a": 1}}, path)
     with pytest.raises(ConversionError, match="not a state dict of tensors"):
         convert(path, out, "detr")
@@ -254,3 +254,60 @@ def test_converted_model_predicts_at_every_backend(tmp_path):
         precision = model(batch, mask, attention_layer=1)["attention"]["precision"]
     assert model.decoder.layers[1].scales is None
     torch.testing.assert_close(precision, torch.full_like(precision, 1 / math.sqrt(8.0)), rtol=0, atol=0)
+
+
+def _refusals(tmp_path):
+    """(argv, the file it names, cause, remedy) of a representative set of the converter's refusals."""
+    path, state, _ = _reference(tmp_path, "smca-detr", dynamic_scale="type3")
+    (tmp_path / "detr").mkdir()
+    detr_path, _, _ = _reference(tmp_path / "detr", "detr")
+    out = str(tmp_path / "out.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(path, "rb").read()[:1000])
+    listing = tmp_path / "list.pth"
+    torch.save([1, 2], str(listing))
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"model": {**state, "epoch": 3}}, str(mixed))
+    numpy_args = tmp_path / "numpy.pth"
+    import numpy as np
+
+    torch.save({"model": state, "args": np.zeros(2)}, str(numpy_args))
+    level = tmp_path / "multiscale.pth"
+    save_main_py_checkpoint(str(level), "smca-detr", {**state, "transformer.level_embed": torch.zeros(3, 64)}, None)
+    sparse = tmp_path / "sparse.json"
+    sparse.write_text('{"categories": [{"id": 74673216, "name": "widget"}]}')
+    exists = tmp_path / "exists.pth"
+    exists.write_bytes(b"")
+    source = ["--source", "smca-detr", "--input"]
+    return [
+        (source + [str(tmp_path / "nope.pth"), "--output", out], "nope.pth", "does not exist", "give the .pth file"),
+        (source + [str(tmp_path), "--output", out], str(tmp_path), "is a folder", "give the .pth file"),
+        (source + [str(truncated), "--output", out], "truncated.pth", "damaged", "download it again"),
+        (source + [str(listing), "--output", out], "list.pth", "holds a list", "give that file"),
+        (source + [str(mixed), "--output", out], "mixed.pth", "['epoch'] are not tensors", "state_dict()"),
+        (source + [str(numpy_args), "--output", out], "numpy.pth", "object (numpy.", "re-save"),
+        (source + [str(level), "--output", out], "multiscale.pth", "no counterpart", "not multi-scale SMCA"),
+        (source + [detr_path, "--output", out], "detr.pth", "no reference-point head", "give --source detr"),
+        (source + [path, "--output", out, "--nheads", "4"], "smca-detr.pth", "for 8 heads", "give --nheads 8"),
+        (source + [path, "--output", out, "--num_queries", "7"], "smca-detr.pth", "holds 20", "leave out"),
+        (source + [path, "--output", out, "--beta", "0"], "smca-detr.pth", "bandwidth > 0", "flags given"),
+        (source + [path, "--output", str(exists)], "exists.pth", "already exists", "give another path"),
+        (source + [path, "--output", str(tmp_path / "no" / "o.pth")], "o.pth", "does not exist", "create it"),
+        (source + [path, "--output", out, "--categories", str(sparse)], "smca-detr.pth", "74673216", "give the"),
+        (source + [path, "--output", out, "--categories", str(tmp_path / "x.json")], "x.json", "does not exist",
+         "--categories"),
+    ]
+
+
+def test_every_refusal_names_file_cause_and_remedy(tmp_path, capsys):
+    """Each refusal of `python -m smca.convert`: exit status 2, one line naming the file, the
+    cause and the remedy, no terminal codes (torch's load errors carry some), nothing written."""
+    for argv, named, cause, remedy in _refusals(tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert err.startswith("smca-convert: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+        assert named in err and cause in err and remedy in err, (argv, err)
+        assert "\x1b" not in err and "\t" not in err, err
+    assert not os.path.exists(tmp_path / "out.pth")

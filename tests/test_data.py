@@ -390,6 +390,16 @@ def _edit(coco, case):
         categories.append(dict(id=1, name="other"))
     elif case == "category_without_name":
         del categories[0]["name"]
+    elif case == "same_file_under_two_ids":
+        images[1]["file_name"] = "./1.png"
+    elif case == "annotated_twice":
+        annotations[1].update(image_id=1, bbox=list(annotations[0]["bbox"]))
+    elif case == "same_category_under_two_ids":
+        categories.append(dict(id=7, name="thing"))
+    elif case == "box_outside_its_image":
+        annotations[1]["bbox"] = [45, 3, 20, 10]  # x from 45 on a 40-wide image
+    elif case == "xyxy_box_with_negative_size":
+        annotations[1]["bbox"] = [20, 15, 5, 10 - 15]  # [x1, y1, x2, y2] with y2 < y1 read as [x, y, w, h]
 
 
 @pytest.mark.parametrize(
@@ -414,6 +424,13 @@ def _edit(coco, case):
         ("negative_category_id", r"category 'thing' has id -1; expected an integer >= 0"),
         ("duplicate_category_id", "category id 1 is listed twice"),
         ("category_without_name", "category id 1: name must be a string, got None"),
+        ("same_file_under_two_ids", r"image ids 1 and 2 are the same file './1.png': .* list the file once"),
+        ("annotated_twice", r"annotation 2 of image 1: the same box \[2, 3, 20, 10\] of category 1 on image 1 as "
+         "annotation 1: .*remove one of them"),
+        ("same_category_under_two_ids", "categories 1 and 7 are both 'thing': .* merge them into one category"),
+        ("box_outside_its_image", r"1 boxes lie wholly outside their image \(annotation 2 of image 2: bbox "
+         r"\[45, 3, 20, 10\] on a 40x30 image\); usual causes: a bbox written as \[x1, y1, x2, y2\]"),
+        ("xyxy_box_with_negative_size", r"bbox \[20, 15, 5, -5\] has a negative width or height \(COCO's bbox"),
     ],
 )
 def test_malformed_entry_is_a_clear_error(tmp_path, case, message):
@@ -576,3 +593,82 @@ def test_missing_coco_path_is_named(root, message):
 
     with pytest.raises(DatasetError, match=message):
         coco_paths(root, "train")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("zero_width", r"2 boxes have a width or height of 0 \(annotation 1 of image 1; annotation 2 of image 2\); "
+         "training leaves them out"),
+        ("beyond_the_image", r"1 of 2 boxes reach more than 1 pixel beyond their image \(annotation 2 of image 2: "
+         r"bbox \[30, 3, 20, 10\] on a 40x30 image\); they are clipped"),
+    ],
+)
+def test_doubtful_boxes_are_a_warning_naming_them(tmp_path, case, message):
+    root, coco = _small_set(tmp_path)
+    if case == "zero_width":
+        for ann in coco["annotations"]:
+            ann["bbox"][2] = 0
+    else:
+        coco["annotations"][1]["bbox"] = [30, 3, 20, 10]  # to x 50 on a 40-wide image
+    with pytest.warns(UserWarning, match=message) as record:
+        dataset = _build(_write_annotations(root, coco))
+    assert all(str(w.message).startswith(str(root / "annotations" / "instances_val2017.json")) for w in record)
+    if case == "beyond_the_image":
+        assert dataset[1][1]["boxes"][0, 0] + dataset[1][1]["boxes"][0, 2] / 2 == pytest.approx(1.0)  # clipped
+
+
+def test_a_box_within_a_pixel_of_the_edge_is_no_warning(tmp_path):
+    """Annotation tools round; COCO has boxes reaching a fraction of a pixel beyond the image."""
+    root, coco = _small_set(tmp_path)
+    coco["annotations"][1]["bbox"] = [-0.5, 2, 40.9, 28.6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _build(_write_annotations(root, coco))
+
+
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # COCO's 80
+
+
+@pytest.mark.parametrize(
+    "ids, num_classes, expected",
+    [
+        (COCO_IDS, None, None),  # COCO: the head index is the id (91 logits), as DETR's checkpoints have it
+        (COCO_IDS, 91, None),
+        (range(1, 7), None, None),
+        ([0], None, None),
+        ([2], None, None),
+        ([74673216], None, [74673216]),  # one category as a database numbers it: one logit
+        ([3, 7, 1_000_000], None, [3, 7, 1_000_000]),
+        ([3, 7, 1_000_000], 3, [3, 7, 1_000_000]),
+        ([1, 2], 10, None),  # a given head that holds the ids: indexed by them
+        ([], None, None),
+    ],
+)
+def test_class_ids(ids, num_classes, expected):
+    from smca.data.coco import class_ids
+
+    assert class_ids(ids, num_classes) == expected
+
+
+def test_class_ids_that_fit_no_head_are_a_clear_error():
+    from smca.data.coco import class_ids
+
+    with pytest.raises(ValueError, match=r"4 classes cannot stand for the 3 category ids \[5, 9, 70\]"):
+        class_ids([70, 5, 9], 4)
+
+
+def test_set_classes_maps_the_labels_and_names_categories_without_a_class(tmp_path):
+    root, coco = _small_set(tmp_path)
+    coco["categories"] = [dict(id=74673216, name="thing"), dict(id=99999999, name="other")]
+    coco["annotations"][0]["category_id"], coco["annotations"][1]["category_id"] = 99999999, 74673216
+    dataset = _build(_write_annotations(root, coco))
+    assert dataset[0][1]["labels"].tolist() == [99999999]  # no classes set: the ids
+    dataset.set_classes([74673216, 99999999], 2)
+    assert [dataset[i][1]["labels"].tolist() for i in (0, 1)] == [[1], [0]]
+    assert dataset.class_ids == [74673216, 99999999]
+    with pytest.raises(DatasetError, match=r"annotations of category ids \[99999999\] have no class in the model, "
+                       r"whose 1 classes stand for the category ids \[74673216\]: list the same categories"):
+        dataset.set_classes([74673216], 1)
+    with pytest.raises(DatasetError, match=r"category ids \[74673216, 99999999\] have no class .* ids 0..90"):
+        dataset.set_classes(None, 91)

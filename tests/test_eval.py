@@ -3,6 +3,9 @@
 import contextlib
 import copy
 import io
+import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from smca import Config
+from smca.checkpoint import load_checkpoint
 from smca.data import build_dataloader, build_dataset
 from smca.data.synthetic import make_dataset
 from smca.engine import coco_evaluate, evaluate, format_coco_summary
@@ -213,3 +217,173 @@ def test_evaluate_loop_with_ground_truth(val_set, capsys):
     assert stats["coco_eval_bbox"][0] == 1.0
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in printed
+
+
+# Category ids as databases write them, COCO's results file, an image-info file (test-dev).
+
+TINY = ["--model", "smca", "--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--num_queries", "10",
+        "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--lr", "1e-3", "--lr_backbone", "1e-4",
+        "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--min_sizes", "64", "--eval_size", "64",
+        "--max_size", "96", "--seed", "1", "--no_progress"]
+SPARSE = 74673216  # a database's id
+
+
+def _renumbered(root, new_id, drop_annotations=False):
+    """Rewrite root's annotation files with category ids new_id(id) (and, for val, no
+    "annotations" key: an image-info file as COCO's test-dev one)."""
+    for split in ("train", "val"):
+        path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        with open(path) as f:
+            coco = json.load(f)
+        for entry in coco["categories"]:
+            entry["id"] = new_id(entry["id"])
+        for ann in coco["annotations"]:
+            ann["category_id"] = new_id(ann["category_id"])
+        if drop_annotations and split == "val":
+            del coco["annotations"]
+        with open(path, "w") as f:
+            json.dump(coco, f)
+    return root
+
+
+def _load_results(ann_file, results_file, backend):
+    """The results file read back by the backend's own loadRes, against the annotation file."""
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+    else:
+        from faster_coco_eval import COCO
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann_file)
+        return gt, gt.loadRes(results_file)
+
+
+def categories_of(root):
+    with open(os.path.join(root, "annotations", "instances_val2017.json")) as f:
+        return [c["id"] for c in json.load(f)["categories"]]
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory):
+    """One epoch on the shapes with category ids SPARSE + 1000 k (k = 1..6): (data root, output
+    dir, results file)."""
+    from smca import train
+
+    root = _renumbered(
+        make_dataset(str(tmp_path_factory.mktemp("sparse")), num_train=2, num_val=2, image_size=64, seed=5),
+        lambda k: SPARSE + 1000 * k,
+    )
+    out = str(tmp_path_factory.mktemp("run"))
+    results = os.path.join(out, "results", "val.json")
+    train.main(TINY + ["--coco_path", root, "--output_dir", out, "--epochs", "1", "--results_file", results])
+    return root, out, results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_category_ids_train_with_one_class_each_and_keep_their_ids(sparse_run, backend):
+    """Six categories numbered from 74674216: six logits (not 74.7 million), the mapping in the
+    checkpoint, the results file in the annotation file's ids, read by COCO's loadRes."""
+    _require(backend)
+    root, out, results = sparse_run
+    state = load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    ids = [SPARSE + 1000 * k for k in range(1, 7)]
+    assert state["config"]["num_classes"] == 6 and state["model"]["class_embed.weight"].shape[0] == 6
+    assert sorted(state["categories"]) == ids
+    gt, loaded = _load_results(os.path.join(root, "annotations", "instances_val2017.json"), results, backend)
+    detections = loaded.dataset["annotations"]
+    assert len(detections) == 2 * 10 * 6  # top-k over 10 queries x 6 classes, 2 images
+    assert {d["category_id"] for d in detections} == set(ids)
+    assert {d["image_id"] for d in detections} == set(gt.getImgIds())
+    assert all(len(d["bbox"]) == 4 and 0 <= d["score"] <= 1 for d in detections)
+    assert not [name for name in os.listdir(os.path.dirname(results)) if name != "val.json"]  # no temporary left
+
+
+def test_sparse_category_ids_evaluate_and_predict_with_the_checkpoints_mapping(sparse_run, tmp_path, capsys):
+    """--eval --resume and smca.predict give the annotation file's ids: the results file holds
+    them, and predict's JSON names the categories."""
+    from smca import train
+    from smca.predict import load_model, predict_files
+
+    root, out, _ = sparse_run
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    capsys.readouterr()
+    results = str(tmp_path / "eval.json")
+    train.main(["--eval", "--resume", checkpoint, "--coco_path", root, "--results_file", results, "--no_progress"])
+    printed = capsys.readouterr().out
+    assert f"written to {results} (COCO results format)" in printed and "Average Precision" in printed
+    with open(results) as f:
+        assert {d["category_id"] for d in json.load(f)} == set(categories_of(root))
+    model, _, categories = load_model(checkpoint)
+    image = os.path.join(root, "val2017", sorted(os.listdir(os.path.join(root, "val2017")))[0])
+    report = predict_files(model, [image], str(tmp_path / "pred"), 0.0, categories)
+    found = report["images"][0]["detections"]
+    assert found and all(d["category_id"] in categories for d in found)
+    assert all(d["category"] == categories[d["category_id"]] for d in found)
+
+
+def test_resume_onto_other_category_ids_is_a_clear_error(sparse_run, tmp_path, capsys):
+    from smca import train
+
+    root, out, _ = sparse_run
+    other = str(tmp_path / "other")
+    shutil.copytree(root, other)
+    _renumbered(other, lambda i: i + 5)  # 74674221, ...: not the checkpoint's
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--eval", "--resume", os.path.join(out, "checkpoint.pth"), "--coco_path", other, "--no_progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's num_classes 6: the data's category ids [74674221" in err
+    assert "start a new run from its weights with --finetune instead" in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_info_file_without_annotations_writes_results_and_no_ap(sparse_run, tmp_path, backend, capsys):
+    """COCO test-dev's image_info_test-dev2017.json has images and categories, no annotations:
+    nothing can be scored, the results file is still written, in the categories' ids."""
+    _require(backend)
+    from smca import train
+
+    root, out, _ = sparse_run
+    test_dev = str(tmp_path / "test_dev")
+    shutil.copytree(root, test_dev)
+    _renumbered(test_dev, lambda i: i, drop_annotations=True)
+    capsys.readouterr()
+    results = str(tmp_path / "detections_test-dev2017_smca_results.json")
+    train.main(["--eval", "--resume", os.path.join(out, "checkpoint.pth"), "--coco_path", test_dev,
+                "--results_file", results, "--no_progress"])
+    printed = capsys.readouterr().out
+    assert "has no annotations (an image-info file, as COCO test-dev's): nothing to score, no AP" in printed
+    assert "Average Precision" not in printed
+    _, loaded = _load_results(os.path.join(test_dev, "annotations", "instances_val2017.json"), results, backend)
+    assert {d["category_id"] for d in loaded.dataset["annotations"]} <= {SPARSE + 1000 * k for k in range(1, 7)}
+    assert len(loaded.dataset["annotations"]) == 120
+
+
+def test_results_file_that_is_a_folder_is_refused_before_the_model_runs(val_set, tmp_path):
+    oracle = _Oracle(val_set)
+    loader = build_dataloader(val_set, batch_size=4, num_workers=0, train=False)
+    with pytest.raises(OSError, match=f"--results_file {tmp_path} is a folder; expected a file name"):
+        evaluate(
+            oracle, None, oracle.postprocess, loader, torch.device("cpu"), progress=False, results_file=str(tmp_path)
+        )
+    assert len(oracle.answers) == len(val_set)  # nothing was run
+
+
+def test_evaluate_maps_classes_to_the_datasets_category_ids(val_set, tmp_path, capsys):
+    """Detections of class i are scored, and written, as category class_ids[i]."""
+    from smca.data.coco import class_ids
+
+    ids = sorted(val_set.categories)
+    val_set.set_classes([*ids], len(ids))  # class i: ids[i] (here id i + 1)
+    try:
+        oracle = _Oracle(val_set)
+        for answer in oracle.answers:  # the oracle answers in classes, as a model does
+            answer["labels"] = torch.tensor([ids.index(int(label)) for label in answer["labels"]], dtype=torch.int64)
+        loader = build_dataloader(val_set, batch_size=4, num_workers=0, train=False)
+        results = str(tmp_path / "r.json")
+        stats = evaluate(oracle, None, oracle.postprocess, loader, torch.device("cpu"), progress=False,
+                         results_file=results)
+        assert stats["coco_eval_bbox"][0] == 1.0
+        with open(results) as f:
+            assert {d["category_id"] for d in json.load(f)} <= set(ids)
+    finally:
+        val_set.set_classes(class_ids(ids), max(ids) + 1)

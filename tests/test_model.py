@@ -69,6 +69,57 @@ def test_forward_backward(variant, modulation):
             assert p.grad is None, f"frozen {name} got a gradient"
 
 
+def _graph_counter():
+    """A torch.compile backend that counts the graphs it is given (AOTAutograd, no code generation).
+    A first compile may count twice: dynamo restarts its analysis once to specialise a float
+    (the position encoding's temperature); a new graph after the first call is a recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    return CompileCounterWithBackend("aot_eager")
+
+
+@pytest.mark.parametrize("variant", ["smca", "smca_ms"])
+def test_compiled_detector_is_one_graph_over_image_sizes(variant):
+    """torch.compile(dynamic=True, fullgraph=True) of the detector with the fused kernel: one graph
+    for every image size (the ops take SymInt[] map sizes, which dynamo keeps symbolic), the
+    eager model's outputs."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model=variant, attention_backend="cpu", enc_layers=3 if variant == "smca_ms" else 2))[0]
+    model.eval()
+    counter = _graph_counter()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    generator = torch.Generator().manual_seed(1)
+    graphs = []
+    with torch.no_grad():
+        for height, width in ((96, 128), (128, 96), (160, 192)):
+            images, pixel_mask = pad_images([torch.randn(3, height, width, generator=generator),
+                                             torch.randn(3, height - 32, width, generator=generator)])
+            out, expected = compiled(images, pixel_mask), model(images, pixel_mask)
+            graphs.append(counter.frame_count)
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(out[key], expected[key], msg=lambda m: f"{height}x{width} {key}: {m}")
+    assert graphs[0] >= 1 and graphs == graphs[:1] * 3, f"graphs compiled after each size: {graphs}"
+
+
+def test_compiled_training_step_with_attention_dropout_is_one_graph():
+    """A training step's forward compiled with fullgraph=True while attention dropout is on (every
+    preset: 0.1): the dropout key is drawn as a tensor inside the graph, not read in Python."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_config(attention_backend="cpu", dropout=0.1))
+    model.train()
+    counter = _graph_counter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    images, pixel_mask, targets = tiny_batch(torch.Generator().manual_seed(0))
+    graphs = []
+    for _ in range(2):  # a new dropout key each step, no new graph
+        criterion(compiled(images, pixel_mask), targets)["loss"].backward()
+        graphs.append(counter.frame_count)
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], f"graphs compiled after each step: {graphs}"
+    cross = [p.grad for n, p in model.named_parameters() if "cross_attn" in n and p.grad is not None]
+    assert cross and all(torch.isfinite(g).all() for g in cross) and any(g.any() for g in cross)
+
+
 @pytest.mark.parametrize("variant,modulation", VARIANTS)
 def test_modulation_shapes(variant, modulation):
     """Head-shared modulation has one Gaussian for all heads; multi-scale one per level."""

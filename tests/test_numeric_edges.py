@@ -65,7 +65,7 @@ def test_16bit_scores_that_overflow_before_scaling_emulated_cuda(emulated_cuda):
     q, k, v, centers, precision = _overflowing_inputs()
     exact = sk.gaussian_coattention(q, k, v, centers, precision, (2, 2), backend="reference")
     coords = [t.float().unsqueeze(3) for t in (centers, precision)]
-    out, _, lse = emulated_cuda.forward(q.half(), k.half(), v.half(), *coords, None, [2, 2], None, 32**-0.5, 0.0, 0)
+    out, _, lse = emulated_cuda.forward(q.half(), k.half(), v.half(), *coords, None, [2, 2], None, 32**-0.5, 0.0, None)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert relative_error(out, exact) < 1e-2
 

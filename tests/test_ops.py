@@ -100,7 +100,7 @@ def test_gradcheck_gaussian_cpu(dropout_p, mask):
 
     def fn(q, k, v, centers, precision):  # a fixed seed: the backward must redraw the same mask
         return torch.ops.smca._coattention_forward(
-            q, k, v, centers.unsqueeze(3), precision.unsqueeze(3), None, [2, 3], t["mask"], 0.5, dropout_p, 1234
+            q, k, v, centers.unsqueeze(3), precision.unsqueeze(3), None, [2, 3], t["mask"], 0.5, dropout_p, torch.tensor(1234)
         )[0]
 
     _cpu_gradcheck(fn, (t["q"], t["k"], t["v"], t["centers"], t["precision"]))
@@ -113,7 +113,7 @@ def test_gradcheck_scale_selective_cpu(dropout_p):
 
     def fn(q, k, v, centers, precision, alpha):
         return torch.ops.smca._coattention_forward(
-            q, k, v, centers, precision, alpha, [2, 2, 1, 2], t["mask"], 0.5, dropout_p, 99
+            q, k, v, centers, precision, alpha, [2, 2, 1, 2], t["mask"], 0.5, dropout_p, torch.tensor(99)
         )[0]
 
     _cpu_gradcheck(fn, (t["q"], t["k"], t["v"], t["centers"], t["precision"], t["alpha"]))
@@ -170,16 +170,16 @@ def test_dropout_matches_cpu(backend, multi):
 # ----------------------------------------------------------------------------------------------
 # Registration: opcheck and torch.compile
 # ----------------------------------------------------------------------------------------------
-def _op_args(multi, requires_grad=True, device="cpu"):
+def _op_args(multi, requires_grad=True, device="cpu", dtype=torch.float32):
     """Arguments of a device op (the level form): one level without alpha, or two with it."""
     case = Case(B=2, H=2, Nq=5, D=8, shapes=[(2, 3), (1, 2)] if multi else [(3, 4)], multi=multi, mask="random")
-    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), torch.float32, device)
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), dtype, device)
     for name in ("q", "k", "v", "centers", "precision", "alpha"):
         if t.get(name) is not None:
             t[name].requires_grad_(requires_grad)
     coords = (t["centers"], t["precision"]) if multi else (t["centers"].unsqueeze(3), t["precision"].unsqueeze(3))
     flat = [n for shape in case.shapes for n in shape]
-    return (t["q"], t["k"], t["v"], *coords, t.get("alpha"), flat, t["mask"], 0.3, 0.0, 0)
+    return (t["q"], t["k"], t["v"], *coords, t.get("alpha"), flat, t["mask"], 0.3, 0.0, None)
 
 
 # the device ops of each kernel backend: the C++ pair (CPU here) and the Triton pair
@@ -255,6 +255,111 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(results[1][0], results[0][0])
     for actual, expected in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(actual, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd's contract: gradcheck, gradients of gradients, torch.compile
+# ----------------------------------------------------------------------------------------------
+# Every backend that runs float64 here, through the public functions (gradcheck's own settings).
+GRADCHECK_BACKENDS = ["reference", "cpu", "auto"]
+AUTOGRAD_CASES = {
+    "gaussian": Case(B=2, H=2, Nq=3, D=4, shapes=[(2, 3)], mask="empty_batch"),
+    "scale_selective": Case(B=2, H=1, Nq=3, D=4, shapes=[(2, 2), (1, 2)], multi=True, mask="empty_level"),
+}
+
+
+def _public(case, backend, **kwargs):
+    """The public op of `case` as a function of its differentiable inputs, and those inputs (float64)."""
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(len(case.shapes))), torch.float64, "cpu")
+    names = ("q", "k", "v", "centers", "precision") + (("alpha",) if case.multi else ())
+
+    def fn(*inputs):
+        return call(sk, case, dict(t, **dict(zip(names, inputs))), backend, **kwargs)
+
+    return fn, tuple(t[n] for n in names)
+
+
+@pytest.mark.parametrize("case", sorted(AUTOGRAD_CASES))
+@pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
+def test_gradcheck_and_gradgradcheck_with_default_settings(backend, case):
+    """gradcheck as users call it (undefined output gradients included), and gradients of
+    gradients (gradient penalties, Hessian-vector products): the fused kernels' backward has no
+    derivative of its own, so a differentiable backward recomputes through the reference."""
+    fn, inputs = _public(AUTOGRAD_CASES[case], backend)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_gradgradcheck_of_the_device_op(multi):
+    """The op's registered autograd (a direct call, torch.compile, export) is twice differentiable too."""
+    args = list(_op_args(multi, dtype=torch.float64))
+    differentiable = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    for i in differentiable:
+        args[i] = args[i].detach().requires_grad_()
+
+    def fn(*inputs):
+        for i, x in zip(differentiable, inputs):
+            args[i] = x
+        return torch.ops.smca._coattention_forward(*args)[0]
+
+    assert torch.autograd.gradgradcheck(fn, [args[i] for i in differentiable])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_undefined_output_gradient(backend):
+    """An output that reaches the loss without a gradient (gradcheck's check_undefined_grad,
+    set_materialize_grads(False)) gives no gradient, not a crash."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend not in sk.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available here")
+    case = AUTOGRAD_CASES["scale_selective"]
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(3)), torch.float32, device)
+    out = call(sk, case, t, backend)
+    torch._C._functions.UndefinedGrad()(out).sum().backward()
+    assert all(t[n].grad is None or not t[n].grad.any() for n in ("q", "k", "v", "centers", "precision", "alpha"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_second_order_matches_the_reference(backend):
+    """A gradient penalty through each fused backend in float32 (the dtype every one takes) against
+    the float64 reference: the penalty's value and its gradient to every input, each within the
+    float32 reference's own error (the 2x rule)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend not in sk.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available here")
+    case = Case(Nq=5, D=16, shapes=[(3, 4), (2, 3)], multi=True, mask="random")
+    inputs = make_inputs(case, torch.Generator().manual_seed(5))
+    names = ("q", "k", "v", "centers", "precision", "alpha")
+
+    def run(name, dtype, where):
+        t = leaves(inputs, dtype, where)
+        out = call(sk, case, t, name)
+        first = torch.autograd.grad(out.square().sum(), [t[n] for n in names], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        second = torch.autograd.grad(penalty, [t[n] for n in names])
+        return penalty, {n: g.cpu() for n, g in zip(names, second)}
+
+    exact, exact_g = run("reference", torch.float64, "cpu")
+    ref, ref_g = run("reference", torch.float32, device)
+    actual, actual_g = run(backend, torch.float32, device)
+    assert all(g.abs().max() > 0 for g in actual_g.values())
+    assert_within_reference_error(torch.float32, actual.cpu(), actual_g, exact, exact_g, ref.cpu(), ref_g)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_second_order_with_dropout_says_what_to_use(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend not in sk.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available here")
+    case = AUTOGRAD_CASES["gaussian"]
+    t = leaves(make_inputs(case, torch.Generator().manual_seed(4)), torch.float32, device)
+    out = call(sk, case, t, backend, dropout_p=0.2)
+    with pytest.raises(RuntimeError, match=rf"backend '{backend}': gradients of gradients .* dropout_p = 0.2 .* "
+                                            r"backend='reference'"):
+        torch.autograd.grad(out.sum(), [t["q"]], create_graph=True)
+    (grad_q,) = torch.autograd.grad(call(sk, case, t, backend, dropout_p=0.2).sum(), [t["q"]])  # first order
+    assert torch.isfinite(grad_q).all() and grad_q.any()
 
 
 def test_extension_carries_cuda_when_built_with_it():
@@ -361,11 +466,11 @@ def test_direct_op_call_is_checked_in_cpp():
     q, k = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 6, 4)
     coords = torch.rand(1, 1, 2, 1, 2)
     with pytest.raises(RuntimeError, match=r"k: expected L = sum of H\*W over spatial_shapes"):
-        torch.ops.smca._coattention_forward(q, k, k, coords, coords, None, [2, 2], None, 1.0, 0.0, 0)
+        torch.ops.smca._coattention_forward(q, k, k, coords, coords, None, [2, 2], None, 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"centers: expected \(B, H, Nq, S, 2\)"):
-        torch.ops.smca._coattention_forward(q, k, k, coords[:, :, :1], coords, None, [2, 3], None, 1.0, 0.0, 0)
+        torch.ops.smca._coattention_forward(q, k, k, coords[:, :, :1], coords, None, [2, 3], None, 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"alpha: required with 2 levels"):
-        torch.ops.smca._coattention_forward(q, k, k, coords.expand(1, 1, 2, 2, 2), coords.expand(1, 1, 2, 2, 2), None, [1, 2, 2, 2], None, 1.0, 0.0, 0)
+        torch.ops.smca._coattention_forward(q, k, k, coords.expand(1, 1, 2, 2, 2), coords.expand(1, 1, 2, 2, 2), None, [1, 2, 2, 2], None, 1.0, 0.0, None)
 
 
 def test_triton_op_without_the_interpreter_on_cpu(monkeypatch):

@@ -108,18 +108,19 @@ def test_label_font_grows_with_the_drawn_size():
 # --- training curves ------------------------------------------------------------------
 
 
-def _write_log(folder, epochs=3, steps_per_epoch=4, with_step=True):
+def _write_log(folder, epochs=3, steps_per_epoch=4, with_step=True, evaluated=True):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "log.txt"), "w") as f:
         for epoch in range(epochs):
             line = {"epoch": epoch, "n_parameters": 10}
             if with_step:
                 line["step"] = steps_per_epoch * (epoch + 1)
-            for split in ("train", "test"):
+            for split in ("train", "test") if evaluated else ("train",):
                 for term in ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error"):
                     line[f"{split}_{term}"] = 10.0 / (epoch + 1)
             line["train_lr"] = 1e-4
-            line["test_coco_eval_bbox"] = [0.1 * epoch] * 6 + [-1.0] * 6
+            if evaluated:
+                line["test_coco_eval_bbox"] = [0.1 * epoch] * 6 + [-1.0] * 6
             f.write(json.dumps(line) + "\n")
         f.write('{"epoch": 3, "train_lo')  # a line cut short by a killed run
     return str(folder)
@@ -176,3 +177,14 @@ def test_a_field_no_run_has_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot_logs.main([run, "--fields", "loss", "loss_mask", "--output", str(tmp_path / "c.png")])
     assert "field 'loss_mask'" in capsys.readouterr().err
+
+
+def test_a_run_without_evaluation_plots_its_training_curves(tmp_path, capsys):
+    """A --no_eval run logs no val numbers: the default panels are those it has."""
+    run = _write_log(tmp_path / "no_eval", evaluated=False)
+    plot_logs.main([run, "--output", str(tmp_path / "c.png")])
+    assert "1 run, 5 panels" in capsys.readouterr().out
+    titles = [ax.get_title() for ax in plot_logs.plot_logs([run]).axes if ax.axison]
+    assert titles == ["loss", "loss_ce", "loss_bbox", "loss_giou", "class_error"]
+    with pytest.raises(plot_logs.PlotLogsError, match="field 'AP'"):
+        plot_logs.plot_logs([run], ["loss", "AP"])

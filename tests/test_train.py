@@ -1,6 +1,7 @@
 """Training CLI: exact resume after a kill, 2-process DDP (gloo), non-finite loss, bad inputs, predict."""
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -114,10 +115,13 @@ def test_straight_run_outputs(straight_run, capsys):
     assert not [name for name in os.listdir(straight_run) if ".tmp" in name]
 
 
-def test_eval_only_reproduces_the_logged_ap(straight_run, data_root, tmp_path, capsys):
+@pytest.mark.parametrize("flags", ["the run's", "none"])
+def test_eval_only_reproduces_the_logged_ap(flags, straight_run, data_root, tmp_path, capsys):
+    """--eval --resume measures the checkpoint as its run evaluated it, with the run's flags or with
+    none: image sizes, model and seed not given are the checkpoint's."""
     out = str(tmp_path / "eval")
     train.main(
-        TINY
+        (TINY if flags == "the run's" else ["--device", "cpu", "--num_workers", "0", "--no_progress"])
         + [
             "--coco_path",
             data_root,
@@ -251,7 +255,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path
         train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", str(EPOCHS)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "loss is nan at epoch 1, iteration 1" in err and "last good checkpoint" in err
+    assert "smca-train: error: loss is nan at epoch 1, iteration 1" in err and "last good checkpoint" in err
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    assert f"is left as it was (epoch 0): continue from it with --resume {checkpoint} with a lower --lr" in err
     state = load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert state["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
@@ -342,6 +348,7 @@ def _broken_annotations(data_root, case):
         ("other_model", "another model or configuration: model: checkpoint 'smca', run 'detr'"),
         ("other_size", "hidden_dim: checkpoint 32, run 64"),
         ("corrupt_checkpoint", "corrupt, truncated"),
+        ("results_file_folder", "is a folder; expected a file name"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_touches_no_output(data_root, existing_output, tmp_path, capsys, case, message):
@@ -364,6 +371,8 @@ def test_bad_input_is_a_clear_error_and_touches_no_output(data_root, existing_ou
             argv += ["--model", "detr"]
         elif case == "other_size":
             argv += ["--hidden_dim", "64"]
+        elif case == "results_file_folder":
+            argv += ["--results_file", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 2
@@ -1112,3 +1121,320 @@ def test_matmul_precision_reaches_the_kernels_on_a_gpu_only():
         assert dot_precision(torch.float32) == "ieee"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# A run's output folder: one run at a time, writes that fail cleanly, inputs checked first.
+
+
+def test_an_output_dir_is_locked_for_the_life_of_its_run(tmp_path):
+    """The lock is the process's own: a second taker is refused (naming the holder) until the
+    first releases it; nothing but the lock file is written."""
+    from smca.run_files import LOCK_NAME, OutputError, lock_output_dir
+
+    out = str(tmp_path / "out")
+    first = lock_output_dir(out)
+    try:
+        with pytest.raises(OutputError, match=rf"--output_dir {out} is in use by another run \(process {os.getpid()} "):
+            lock_output_dir(out)
+    finally:
+        first.release()
+    lock_output_dir(out).release()
+    assert os.listdir(out) == [LOCK_NAME]
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_killed_one_blocks_nothing(data_root, tmp_path, capsys):
+    """A run started into a folder where another run is training stops before writing anything;
+    once that run is killed (its data loader worker included), the folder is free at once."""
+    out = str(tmp_path / "busy")
+    argv = TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "50", "--num_workers", "1"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "smca.train"] + argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        config = os.path.join(out, "config.json")
+        while not os.path.exists(config) and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1].decode()
+        with open(config) as f:
+            first_config = f.read()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv[:-4] + ["--epochs", "3", "--lr", "5e-4"])  # another run's settings
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"smca-train: error: --output_dir {out} is in use by another run (process {first.pid} " in err
+        assert "wait until it ends (continue it then with --resume), or give another --output_dir" in err
+        with open(config) as f:
+            assert f.read() == first_config
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    # The killed run's lock went with it (its worker's copy too): a run into the folder goes ahead.
+    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "1"])
+    assert [line["epoch"] for line in _log(out)] == [0]
+
+
+class _DiskFull:
+    """smca.run_files' open(): the files named `name` (a temporary file of it too) get `free`
+    bytes of disk from their `nth` opening (1: the first) on, then writes fail with ENOSPC, as
+    on a disk that fills."""
+
+    def __init__(self, name, nth=1, free=1000):
+        self.name, self.nth, self.free, self.opened = name, nth, free, 0
+
+    def __call__(self, path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        if os.path.basename(path).split(".tmp")[0] != self.name:
+            return f
+        self.opened += 1
+        return self._Filling(f, self.free) if self.opened >= self.nth else f
+
+    class _Filling:
+        def __init__(self, f, free):
+            self.f, self.free = f, free
+
+        def write(self, data):
+            data = memoryview(data).cast("B")
+            if len(data) > self.free:
+                self.f.write(data[: self.free])  # what fitted stays written
+                self.free = 0
+                self.f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.free -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+
+def test_a_checkpoint_that_fills_the_disk_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch.save's zip writer hides a failed write behind errors of its own ("unexpected
+    pos"): the error still names the file and the reason, the old file stays, no temporary one."""
+    from smca import run_files
+    from smca.checkpoint import save_atomically
+    from smca.run_files import OutputError
+
+    path = str(tmp_path / "checkpoint.pth")
+    save_atomically({"epoch": 0}, path)
+    before = _digest(str(tmp_path))
+    monkeypatch.setattr(run_files, "open", _DiskFull("checkpoint.pth", free=100_000), raising=False)
+    with pytest.raises(OutputError) as info:
+        save_atomically({"epoch": 1, "weights": torch.zeros(100_000)}, path)
+    assert str(info.value) == f"cannot write {path}: No space left on device"
+    assert info.value.errno == errno.ENOSPC
+    assert _digest(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize(
+    "name, nth, kept",
+    [
+        ("checkpoint.pth", 2, "The last checkpoint, {checkpoint}, is left as it was (epoch 0): free some space, then "
+         "continue with --resume {checkpoint}"),
+        ("log.txt", 2, "The last checkpoint, {checkpoint}, is left as it was (epoch 0): free some space, then "
+         "continue with --resume {checkpoint}"),
+        ("config.json", 1, "No checkpoint was written: free some space, then start the run again"),
+    ],
+)
+def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_last_checkpoint(
+    data_root, tmp_path, monkeypatch, capsys, name, nth, kept
+):
+    from smca import run_files
+
+    out = str(tmp_path / "out")
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    monkeypatch.setattr(run_files, "open", _DiskFull(name, nth=nth, free=10), raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", str(EPOCHS)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("smca-train: error:") == 1 and "Traceback" not in err
+    assert (
+        f"smca-train: error: cannot write {os.path.join(out, name)}: No space left on device. "
+        + kept.format(checkpoint=checkpoint)
+        + "\n"
+    ) in err
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    if nth == 2:
+        assert load_checkpoint(checkpoint)["epoch"] == 0
+        assert [line["epoch"] for line in _log(out)] in ([0], [0, 1])  # no half line
+        monkeypatch.undo()  # space is freed: the run continues
+        train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", str(EPOCHS), "--resume", checkpoint])
+        assert [line["epoch"] for line in _log(out)] == [0, 1]
+
+
+def test_a_line_that_does_not_fit_is_not_appended(tmp_path, monkeypatch):
+    from smca import run_files
+    from smca.run_files import OutputError, append_line
+
+    path = str(tmp_path / "log.txt")
+    append_line(path, '{"epoch": 0}')
+    monkeypatch.setattr(run_files, "open", _DiskFull("log.txt", free=5), raising=False)
+    with pytest.raises(OutputError, match="No space left on device"):
+        append_line(path, '{"epoch": 1}')
+    with open(path) as f:
+        assert f.read() == '{"epoch": 0}\n'
+
+
+@pytest.mark.parametrize("batch_size, world_size, message", [
+    (9, 1, "--batch_size 9: {ann} lists 8 training images, fewer than one batch (an epoch drops its last "
+     "incomplete batch): give --batch_size 8 or less, or more images"),
+    (5, 2, "--batch_size 5 on each of 2 processes: {ann} lists 8 training images, 4 per process, fewer than one "
+     "batch (an epoch drops its last incomplete batch): give --batch_size 4 or less, fewer processes, or more images"),
+])
+def test_a_batch_larger_than_the_training_set_is_refused_before_writing(data_root, tmp_path, capsys, batch_size,
+                                                                         world_size, message):
+    ann = os.path.join(data_root, "annotations", "instances_train2017.json")
+    if world_size == 1:
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(TINY + ["--coco_path", data_root, "--output_dir", str(out), "--batch_size", str(batch_size)])
+        assert exit_info.value.code == 2
+        assert f"smca-train: error: {message.format(ann=ann)}\n" in capsys.readouterr().err
+        assert not out.exists()
+    else:  # torchrun's processes each take a share of the images (DistributedSampler)
+        from smca.data import DatasetError, build_dataset
+
+        cfg = Config(coco_path=data_root, batch_size=batch_size, device="cpu")
+        with pytest.raises(DatasetError) as info:
+            train._check_batches(cfg, build_dataset("train", cfg), world_size)
+        assert str(info.value) == message.format(ann=ann)
+        train._check_batches(dataclasses.replace(cfg, batch_size=4), build_dataset("train", cfg), world_size)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--num_workers", "-1"], "num_workers: expected >= 0, got -1"),
+    (["--lr", "-1"], "lr: expected a finite learning rate >= 0, got -1.0"),
+    (["--lr", "nan"], "lr: expected a finite learning rate >= 0, got nan"),
+    (["--lr_backbone", "inf"], "lr_backbone: expected a finite learning rate (<= 0 freezes the backbone), got inf"),
+    (["--weight_decay", "-1"], "weight_decay: expected a finite value >= 0, got -1.0"),
+    (["--clip_max_norm", "-1"], "clip_max_norm: expected a finite value >= 0 (0: off), got -1.0"),
+    (["--dropout", "1"], "dropout: expected a probability in [0, 1), got 1.0"),
+    (["--epochs", "-1"], "epochs: expected >= 0, got -1"),
+    (["--seed", "-1"], "seed: expected an integer in [0, 2**32), as numpy's, got -1"),
+    (["--eval", "--no_eval"], "eval and no_eval: give one"),
+    (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+])
+def test_settings_torch_would_refuse_mid_run_are_refused_first(data_root, tmp_path, capsys, bad, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--coco_path", data_root, "--output_dir", str(out)] + bad)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"smca-train: error: {message}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _without_val(data_root, tmp_path, how):
+    """A copy of data_root (its images linked) whose val set is missing in some way."""
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        os.symlink(os.path.join(data_root, f"{split}2017"), root / f"{split}2017")
+    shutil.copyfile(os.path.join(data_root, "annotations", "instances_train2017.json"),
+                    root / "annotations" / "instances_train2017.json")
+    val = root / "annotations" / "instances_val2017.json"
+    if how == "empty_file":
+        val.write_text("")
+    elif how == "no_images":
+        val.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "ellipse"}]}))
+    return str(root), str(val)
+
+
+@pytest.mark.parametrize("how", ["no_eval", "missing", "empty_file", "no_images"])
+def test_training_without_a_validation_set(data_root, tmp_path, capsys, how):
+    """--no_eval, or a data set without a val set (a note says so): training writes its
+    checkpoints and log lines without evaluating."""
+    root, val = (data_root, None) if how == "no_eval" else _without_val(data_root, tmp_path, how)
+    out = str(tmp_path / "out")
+    train.main(TINY + ["--coco_path", root, "--output_dir", out, "--epochs", "1"]
+               + (["--no_eval"] if how == "no_eval" else []))
+    captured = capsys.readouterr()
+    assert "Average Precision" not in captured.out
+    assert re.search(r"^epoch 0: loss \d+\.\d+, \d+\.\d s$", captured.out, re.M), captured.out
+    why = {"missing": f"there is no {val}", "empty_file": f"{val} lists no images", "no_images": f"{val} lists no images"}
+    if how in why:
+        assert f"smca-train: note: {why[how]}: training without evaluation (--no_eval does so on purpose)\n" in captured.err
+    else:
+        assert "training without evaluation" not in captured.err
+    (line,) = _log(out)
+    assert line["epoch"] == 0 and "train_loss" in line and not [k for k in line if k.startswith("test_")]
+    assert load_checkpoint(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
+
+
+def test_eval_without_a_validation_set_is_refused(data_root, tmp_path, capsys, straight_run):
+    root, val = _without_val(data_root, tmp_path, "missing")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--coco_path", root, "--output_dir", str(out), "--eval", "--resume",
+                           os.path.join(straight_run, "checkpoint.pth")])
+    assert exit_info.value.code == 2
+    assert (
+        f"smca-train: error: --eval: no validation set to evaluate on: there is no {val}; evaluation reads COCO's "
+        "val2017/ images and annotations/instances_val2017.json under --coco_path\n"
+    ) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_image_with_more_objects_than_queries_is_named_in_a_warning(data_root, tmp_path, capsys):
+    """Each query is matched to one object: the objects beyond --num_queries in an image are never
+    learnt. The run goes on (as DETR's: a few crowded images need not set the query count)."""
+    ann = os.path.join(data_root, "annotations", "instances_train2017.json")
+    with open(ann) as f:
+        coco = json.load(f)
+    counts = {}
+    for a in coco["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    most = max(counts.values())
+    assert most >= 2, "the data needs an image with two objects"
+    crowded = sum(n > most - 1 for n in counts.values())
+    train.main(TINY + ["--coco_path", data_root, "--num_queries", str(most - 1), "--epochs", "0", "--no_eval"])
+    err = capsys.readouterr().err
+    assert f"smca-train: warning: --num_queries {most - 1}: {crowded} image" in err
+    assert f"of {ann} have more objects than queries" in err and f"{most} objects); their objects beyond {most - 1} " \
+        f"are never learnt: give --num_queries {most} or more" in err
+    capsys.readouterr()
+    train.main(TINY + ["--coco_path", data_root, "--num_queries", str(most), "--epochs", "0", "--no_eval"])
+    assert "--num_queries" not in capsys.readouterr().err
+
+
+def test_a_pickled_reference_checkpoint_is_refused_in_one_plain_line(data_root, tmp_path, capsys):
+    """torch.load's weights-only refusal is several lines with terminal escapes and says how to
+    load the file unsafely; the error names the flag and the class, and says to convert it."""
+    import argparse
+
+    path = str(tmp_path / "detr.pth")
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--coco_path", data_root, "--output_dir", str(tmp_path / "out"), "--finetune", path])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"smca-train: error: --finetune {path} is not an smca checkpoint: it holds pickled Python objects "
+        "(argparse.Namespace), which smca's never do and which are not unpickled. A checkpoint saved by SMCA-DETR's "
+        "or DETR's main.py is converted first: python -m smca.convert --source {smca-detr,detr} --input FILE "
+        "--output OUT.pth\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_into_a_busy_output_dir_stops_every_process(data_root, tmp_path):
+    """Rank 0 alone locks (it alone writes) and tells the others: all stop, none waits forever."""
+    from smca.run_files import lock_output_dir
+
+    out = str(tmp_path / "busy")
+    lock = lock_output_dir(out)  # another run, in this process
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        cmd += ["-m", "smca.train"] + TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "1"]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    assert result.stderr.count(f"smca-train: error: --output_dir {out} is in use by another run") == 2
+    assert "Traceback" not in result.stderr.split("smca-train: error:")[0]
+    assert os.listdir(out) == [".smca-train.lock"]

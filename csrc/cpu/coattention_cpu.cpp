@@ -33,11 +33,11 @@ struct Inputs {
 
   template <typename T>
   cpu::Problem<T> problem(const cpu::KeyLayout<T>& keys, double scale, double dropout_p,
-                          int64_t seed) const {
+                          uint64_t seed) const {
     return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), centers.data_ptr<T>(),
             precision.data_ptr<T>(), alpha.defined() ? alpha.data_ptr<T>() : nullptr, &keys,
             q.size(0), q.size(1), q.size(2), q.size(3), static_cast<T>(scale), dropout_p,
-            static_cast<uint64_t>(seed)};
+            seed};
   }
 };
 
@@ -45,10 +45,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coattention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& centers,
     const at::Tensor& precision, const std::optional<at::Tensor>& alpha,
     c10::IntArrayRef spatial_shapes, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, double dropout_p, int64_t seed) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const int64_t S = check_coattention_args(q, k, v, centers, precision, alpha, spatial_shapes,
                                            key_padding_mask, dropout_p);
   check_cpu_dtype(q, "_coattention_forward");
+  const uint64_t key = dropout_seed(seed, dropout_p);
   const cpu::Isa isa = cpu::selected_isa();  // it may raise: before any output exists
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const Inputs inputs(q, k, v, centers, precision, alpha);
@@ -60,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coattention_forward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_coattention_forward_cpu", [&] {
     const cpu::KeyLayout<scalar_t> keys(spatial_shapes, key_padding_mask, B);
-    const cpu::Problem<scalar_t> problem = inputs.problem<scalar_t>(keys, scale, dropout_p, seed);
+    const cpu::Problem<scalar_t> problem = inputs.problem<scalar_t>(keys, scale, dropout_p, key);
     const cpu::ForwardOutputs<scalar_t> outputs{
         out.data_ptr<scalar_t>(), alpha.has_value() ? out_levels.data_ptr<scalar_t>() : nullptr,
         lse.data_ptr<scalar_t>()};
@@ -75,10 +76,11 @@ coattention_backward_cpu(
     const at::Tensor& centers, const at::Tensor& precision,
     const std::optional<at::Tensor>& alpha, const at::Tensor& out_levels, const at::Tensor& lse,
     c10::IntArrayRef spatial_shapes, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, double dropout_p, int64_t seed) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const int64_t S = check_coattention_args(q, k, v, centers, precision, alpha, spatial_shapes,
                                            key_padding_mask, dropout_p);
   check_cpu_dtype(q, "_coattention_backward");
+  const uint64_t key = dropout_seed(seed, dropout_p);
   const cpu::Isa isa = cpu::selected_isa();
   check_coattention_backward_args(grad_out, q, out_levels, lse, S);
   const Inputs inputs(q, k, v, centers, precision, alpha);
@@ -95,7 +97,7 @@ coattention_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_coattention_backward_cpu", [&] {
     const cpu::KeyLayout<scalar_t> keys(spatial_shapes, key_padding_mask, q.size(0));
-    const cpu::Problem<scalar_t> problem = inputs.problem<scalar_t>(keys, scale, dropout_p, seed);
+    const cpu::Problem<scalar_t> problem = inputs.problem<scalar_t>(keys, scale, dropout_p, key);
     const cpu::BackwardTensors<scalar_t> tensors{
         grad_out_c.data_ptr<scalar_t>(), out_levels_c.data_ptr<scalar_t>(),
         lse_c.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),

@@ -880,7 +880,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& centers, const at::Tensor& precision,
                      const std::optional<at::Tensor>& alpha, c10::IntArrayRef spatial_shapes,
                      const std::optional<at::Tensor>& key_padding_mask, double scale,
-                     double dropout_p, int64_t seed) {
+                     double dropout_p, const std::optional<at::Tensor>& seed) {
   const int64_t S = check_coattention_args(q, k, v, centers, precision, alpha, spatial_shapes,
                                            key_padding_mask, dropout_p);
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
@@ -913,7 +913,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.D = D;
   p.scale = static_cast<float>(scale);
   p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = dropout_seed(seed, dropout_p);
   return p;
 }
 
@@ -1110,7 +1110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coattention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& centers,
     const at::Tensor& precision, const std::optional<at::Tensor>& alpha,
     c10::IntArrayRef spatial_shapes, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, double dropout_p, int64_t seed) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const Problem p = make_problem(q, k, v, centers, precision, alpha, spatial_shapes,
                                  key_padding_mask, scale, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -1137,7 +1137,7 @@ coattention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const
                           const at::Tensor& out_levels, const at::Tensor& lse,
                           c10::IntArrayRef spatial_shapes,
                           const std::optional<at::Tensor>& key_padding_mask, double scale,
-                          double dropout_p, int64_t seed) {
+                          double dropout_p, const std::optional<at::Tensor>& seed) {
   const Problem p = make_problem(q, k, v, centers, precision, alpha, spatial_shapes,
                                  key_padding_mask, scale, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(q.device());

@@ -3,18 +3,19 @@
 A viewer shows a picture upright (its EXIF orientation applied), in colour, over a white page
 where it is transparent, and 16-bit pixels spread over the whole range from black to white.
 read_image returns exactly that as 8-bit RGB; image_size gives the size of that picture from
-the file's header alone, cheaply enough to check every file of a data set up front.
+the file's header alone, cheaply enough to check every file of a data set up front;
+image_extensions names the file extensions of the formats read_image can read.
 """
 
 import os
-from typing import Tuple
+from typing import FrozenSet, Tuple
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 from torch import Tensor
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-__all__ = ["ImageError", "read_image", "image_size"]
+__all__ = ["ImageError", "read_image", "image_size", "image_extensions"]
 
 # 16-bit grey (little-, big- and native-endian) and 32-bit signed integer grey.
 INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -27,9 +28,23 @@ class ImageError(ValueError):
     """An image file is missing, cannot be decoded, or has pixels with no standard appearance."""
 
 
+def _is_stub(factory) -> bool:
+    """PIL recognises a stub format (HDF5, GRIB, BUFR, WMF off Windows) but decodes it only
+    through a handler an application registers."""
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+
+def image_extensions() -> FrozenSet[str]:
+    """The file name extensions (lower case, with the dot: ".png", ".jpg", ...) of the image
+    formats PIL opens and decodes, the files read_image can read."""
+    Image.init()  # registers every plugin PIL ships
+    formats = {name for name, (factory, _) in Image.OPEN.items() if not _is_stub(factory)}
+    return frozenset(ext for ext, name in Image.registered_extensions().items() if name in formats)
+
+
 def _open(path: str) -> Image.Image:
     """The file opened by PIL (header read, pixels not yet decoded); ImageError naming the file
-    when it is missing, empty, not an image PIL knows, or of mode F."""
+    when it is missing, empty, not an image PIL knows, of a format it cannot decode, or of mode F."""
     if not os.path.exists(path):
         raise ImageError(f"image {path!r} does not exist")
     if not os.path.isfile(path):
@@ -40,6 +55,9 @@ def _open(path: str) -> Image.Image:
         image = Image.open(path)
     except Exception as err:  # PIL's failures differ by format: UnidentifiedImageError, OSError, SyntaxError...
         raise ImageError(f"image {path!r} cannot be opened as an image ({type(err).__name__}: {err})") from err
+    if isinstance(image, ImageFile.StubImageFile):
+        image.close()
+        raise ImageError(f"image {path!r} is {image.format} data, a format PIL recognises but cannot decode")
     if image.mode == "F":
         image.close()
         raise ImageError(

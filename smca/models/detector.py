@@ -125,7 +125,8 @@ class SMCADETR(nn.Module):
 
         src_flat, pos_flat, mask_flat = [], [], []
         for level, (src, mask) in enumerate(zip(srcs, masks)):
-            pos = self.position_encoding(mask).flatten(2).transpose(1, 2)  # (B, Hf * Wf, d)
+            # In the parameters' dtype (a .half() or .double() model; under autocast they stay float32).
+            pos = self.position_encoding(mask).to(self.query_embed.weight.dtype).flatten(2).transpose(1, 2)  # (B, Hf * Wf, d)
             if self.level_embed is not None:
                 pos = pos + self.level_embed[level]
             src_flat.append(src.flatten(2).transpose(1, 2))

@@ -258,6 +258,17 @@ def check_args(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_m
     return len(shapes)
 
 
+def dropout_seed(seed: Optional[torch.Tensor], dropout_p: float) -> int:
+    """The kernels' Philox key from the ops' `seed` argument (as csrc/checks.cpp reads it): 0
+    without dropout, else the value of a one-element int64 CPU tensor; ValueError otherwise."""
+    if dropout_p == 0.0:
+        return 0
+    if not isinstance(seed, torch.Tensor) or seed.device.type != "cpu" or seed.dtype != torch.int64 or seed.numel() != 1:
+        got = "None" if seed is None else f"{type(seed).__name__} {getattr(seed, 'dtype', '')} {getattr(seed, 'device', '')}"
+        raise ValueError(f"seed: expected a one-element int64 CPU tensor when dropout_p > 0 ({dropout_p}), got {got}")
+    return int(seed.item())
+
+
 def mask_arg(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     """The (B, L) mask as uint8 (1 = ignore), or a dummy pointer when there is none."""
     if key_padding_mask is None:

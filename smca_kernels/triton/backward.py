@@ -29,14 +29,16 @@ import triton.language as tl
 
 from ._common import (
     LOG2E, autotune, block_d, bucket, check_args, default_num_splits, dot_precision, dropout_keep,
-    level_sizes, level_table, load_gaussian, log_prior, mask_arg, score_tile, valid_keys,
+    dropout_seed, level_sizes, level_table, load_gaussian, log_prior, mask_arg, score_tile, valid_keys,
 )
 
 # Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages).
 DKDV_TILES = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
               (16, 64, 4, 3)]
 # The 8-warp small tiles are those that do not spill in float32 with dropout (the autotuner's
-# prune leaves spilling configurations out where another does not spill).
+# prune leaves spilling configurations out where another does not spill). At head dim 128 every
+# float32 (IEEE and TF32) dK/dV and dQ candidate spills (benchmarks/results/triton_resources.csv):
+# the least spilling one is kept until a GPU's timings choose smaller tiles.
 DQ_TILES = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2),
             (32, 64, 8, 2)]
 _PREPROCESS_BLOCK_R = 64
@@ -326,7 +328,7 @@ def coattention_backward(
     key_padding_mask: Optional[torch.Tensor],
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Optional[torch.Tensor],
     *,
     num_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
@@ -340,6 +342,7 @@ def coattention_backward(
     from the GPU's size.
     """
     S = check_args(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, dropout_p)
+    seed = dropout_seed(seed, dropout_p)
     B, H, Nq, D = q.shape
     for name, t, shape, dtype in (("grad_out", grad_out, (B, H, Nq, D), q.dtype),
                                   ("out_levels", out_levels, (B, H, Nq, S, D), q.dtype),

@@ -17,12 +17,14 @@ import triton.language as tl
 
 from ._common import (
     LN2, LOG2E, autotune, block_d, bucket, check_args, default_num_splits, dot_precision,
-    dropout_keep, level_sizes, level_table, live_levels, load_gaussian, mask_arg, score_tile,
+    dropout_keep, dropout_seed, level_sizes, level_table, live_levels, load_gaussian, mask_arg, score_tile,
 )
 
 # Autotuning candidates on the GPU, (BLOCK_M, BLOCK_N, num_warps, num_stages). 32 x 32 is the one
 # that does not spill in float32 with dropout (the autotuner's prune leaves spilling
-# configurations out where another does not spill).
+# configurations out where another does not spill). At head dim 128 in IEEE float32 every
+# candidate spills (benchmarks/results/triton_resources.csv): the least spilling one is kept until
+# a GPU's timings choose smaller tiles.
 FORWARD_TILES = [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2),
                  (128, 64, 8, 3), (128, 128, 8, 2), (32, 32, 4, 2)]
 _COMBINE_BLOCK_M = 16
@@ -243,7 +245,7 @@ def coattention_forward(
     key_padding_mask: Optional[torch.Tensor],
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Optional[torch.Tensor],
     *,
     num_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,12 +253,14 @@ def coattention_forward(
 
     q (B, H, Nq, D); k, v (B, H, L, D) float32/float16/bfloat16; centers, precision
     (B, H, Nq, S, 2) float32; alpha (B, H, Nq, S) float32 or None (S == 1); spatial_shapes
-    [H0, W0, H1, W1, ...]; key_padding_mask (B, L) bool, True = ignore.
+    [H0, W0, H1, W1, ...]; key_padding_mask (B, L) bool, True = ignore; seed the dropout's
+    Philox key, a one-element int64 CPU tensor (None without dropout).
     out (B, H, Nq, D) q dtype; out_levels (B, H, Nq, S, D) q dtype, empty when alpha is None;
     lse (B, H, Nq, S) float32, +inf where all of a level's keys are masked.
     num_splits: programs sharing the keys of a query tile; None picks it from the GPU's size.
     """
     S = check_args(q, k, v, centers, precision, alpha, spatial_shapes, key_padding_mask, dropout_p)
+    seed = dropout_seed(seed, dropout_p)
     q, k, v, centers, precision = (t.contiguous() for t in (q, k, v, centers, precision))
     alpha = None if alpha is None else alpha.contiguous()
     B, H, Nq, D = q.shape
