@@ -1,4 +1,5 @@
-"""Multi-process training with torchrun: set-up, ranks, reductions, and seeding.
+"""Multi-process training with torchrun: set-up, ranks, reductions, and seeding; the device and
+attention backend a command line asks for, checked against this machine.
 
 torchrun (`torchrun --nproc_per_node N -m smca.train ...`, or with --nnodes and a rendezvous
 for several machines) starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE.
@@ -8,13 +9,15 @@ Without them everything here is a no-op, so single-process code needs no special
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "check_device",
+    "check_attention_backend",
     "DistInfo",
     "init_distributed",
     "cleanup",
@@ -26,6 +29,35 @@ __all__ = [
     "barrier",
     "seed_everything",
 ]
+
+
+def check_device(name: str) -> torch.device:
+    """torch.device(name) for --device, checked against this machine. Raises ValueError naming
+    the flag: a string that is no device, CUDA where there is none, a CUDA index beyond the count."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_attention_backend(backend: Optional[str], device: torch.device) -> None:
+    """ValueError naming --attention_backend when a fused backend chosen by name cannot run on
+    `device` here ("auto", "reference" and None always can)."""
+    from smca_kernels import available_backends
+
+    if backend in (None, "auto", "reference"):
+        return
+    available = available_backends(device)
+    if backend not in available:
+        raise ValueError(
+            f"--attention_backend {backend}: not available for {device.type} tensors here; available: "
+            f"{', '.join(['auto'] + available)}"
+        )
 
 
 @dataclass

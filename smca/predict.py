@@ -12,8 +12,8 @@ clipped to the image), PRED/<name>.png (the image with its boxes drawn, enlarged
 side of at least 512 px when smaller, with a caption line giving the threshold) and, with
 --attention_queries, PRED/<name>_attention.png: for each chosen query (no values: the four
 highest-scoring ones) its box, Gaussian prior and cross-attention over the image. <name> is the
-image's file name without its extension, with _1, _2, ... where images share one
-(output_names); no output replaces an input or a file smca.predict did not write: the run stops
+image's file name without its extension, with _1, _2, ... where images share one or an input
+in PRED has it (output_names); no output replaces an input or a file smca.predict did not write: the run stops
 before writing anything (check_outputs).
 """
 
@@ -32,12 +32,14 @@ from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import functional as TF
 
+from smca_kernels import available_backends
 from smca_kernels.reference import gaussian_log_prior
 
 from .checkpoint import CheckpointError, config_to_restore, load_checkpoint, restore
 from .config import Config
 from .data.image import ImageError, image_extensions, image_size, read_image
 from .data.transforms import resized_size
+from .distributed import check_attention_backend, check_device
 from .models.postprocess import class_probabilities
 from .run_files import write_atomically
 from .utils import boxes_to_pixels, normalize, pad_images, unpadded_sizes
@@ -216,14 +218,19 @@ def _check_attention_args(model: "SMCADETR", query_indices: Optional[Sequence[in
 
 
 def load_model(checkpoint: str, device: str = "cpu", attention_backend: Optional[str] = None):
-    """(model in eval mode on device, its Config, {category id: name}) from a checkpoint."""
+    """(model in eval mode on device, its Config, {category id: name}) from a checkpoint.
+    attention_backend None: the checkpoint's, or "auto" where that one cannot run on `device`.
+    Raises CheckpointError, ValueError (a backend given that cannot run on `device`)."""
     from .models import build_model
 
     state = load_checkpoint(checkpoint)
     cfg = Config.from_dict(state["config"])
     cfg.device = device
     if attention_backend is not None:
+        check_attention_backend(attention_backend, torch.device(device))
         cfg.attention_backend = attention_backend
+    elif cfg.attention_backend not in ("auto", "reference") + tuple(available_backends(device)):
+        cfg.attention_backend = "auto"  # the run's kernel (e.g. Triton) is not here: every backend computes the same
     # The checkpoint holds every weight: the model it fills is built without reading the
     # pretrained backbone file its config names, which need not exist here (another folder or machine).
     model, _, _ = build_model(config_to_restore(cfg))
@@ -337,18 +344,18 @@ def image_files(paths: Sequence[str], note: Callable[[str], None] = _note_to_std
     return files
 
 
-def output_names(images: Sequence[str]) -> List[str]:
+def output_names(images: Sequence[str], reserved: Sequence[str] = ()) -> List[str]:
     """The name each image's outputs take: <name>.png, <name>_attention.png.
 
     The image's file name without its extension; where several images share one (a.jpg and
     a.png, or a.png in two folders; compared ignoring case, as some file systems do) each gets
     _1, _2, ... in order, and a name whose files another image already has (a_attention.png is
-    both the picture of a_attention.jpg and the attention picture of a.jpg) gets the next free
-    number.
+    both the picture of a_attention.jpg and the attention picture of a.jpg), or whose files are
+    `reserved` (the input images in the output folder: a.png there), gets the next free number.
     """
     stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
     counts = Counter(stem.casefold() for stem in stems)
-    names, taken = [], set()
+    names, taken = [], {name.casefold() for name in reserved}
     for stem in stems:
         number = 0 if counts[stem.casefold()] == 1 else 1
         while True:
@@ -365,8 +372,8 @@ def output_names(images: Sequence[str]) -> List[str]:
 def check_outputs(images: Sequence[str], output_dir: str, attention: bool) -> List[str]:
     """output_names(images), once sure that writing the outputs into output_dir harms no file.
 
-    output_dir may be the images' own folder. An output file that exists already is replaced
-    only when an earlier smca.predict wrote it (its PNG's Software text, the JSON's software
+    output_dir may be the images' own folder (a.png there draws a_1.png). An output file that
+    exists already is replaced only when an earlier smca.predict wrote it (its PNG's Software text, the JSON's software
     key say so).
 
     Raises:
@@ -376,7 +383,9 @@ def check_outputs(images: Sequence[str], output_dir: str, attention: bool) -> Li
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--output_dir {output_dir!r} is a file, not a folder: give a folder")
-    names = output_names(images)
+    here = [p for p in images if os.path.isdir(output_dir) and os.path.exists(p)
+            and os.path.samefile(os.path.dirname(os.path.abspath(p)), output_dir)]
+    names = output_names(images, [os.path.basename(p) for p in here])
     inputs = {}
     for path in images:
         try:
@@ -506,9 +515,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--output_dir",
         required=True,
         help=f"folder for {REPORT}, <name>.png and <name>_attention.png (<name>: the image's file name "
-        "without extension, then _1, _2, ... where images share one); it may be the images' folder: the run "
-        "stops before writing anything if an output would replace an input image or a file that "
-        "smca.predict did not write (its own earlier outputs are replaced)",
+        "without extension, then _1, _2, ... where images share one or an input there has it); it may be "
+        "the images' folder: the run stops before writing anything if an output would replace an input "
+        "image or a file that smca.predict did not write (its own earlier outputs are replaced)",
     )
     p.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring above it")
     p.add_argument("--max_detections", type=int, help="keep at most this many per image (the best)")
@@ -524,6 +533,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     try:
         _check_selection(args.threshold, args.max_detections)
+        check_attention_backend(args.attention_backend, check_device(args.device))
         images = image_files(args.images)
         check_outputs(images, args.output_dir, args.attention_queries is not None)
         for path in images:

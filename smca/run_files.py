@@ -24,6 +24,7 @@ __all__ = [
     "LOCK_NAME",
     "OutputError",
     "OutputDirLock",
+    "check_not_in_use",
     "lock_output_dir",
     "write_atomically",
     "write_text",
@@ -85,6 +86,32 @@ def _holder(fd: int) -> str:
         return ""
 
 
+def _in_use(output_dir: str, path: str, holder: str) -> OutputError:
+    return OutputError(
+        f"--output_dir {output_dir} is in use by another run ({holder or 'its lock ' + path + ' is held'}): "
+        "wait until it ends (continue it then with --resume), or give another --output_dir",
+        output_dir,
+    )
+
+
+def check_not_in_use(output_dir: str) -> None:
+    """OutputError when another run holds `output_dir`'s lock, found without writing anything (the
+    checks before a run writes; lock_output_dir then takes the lock). Not for a process that
+    holds the lock itself: its own lock would read as another run's."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no run has locked it (or it is unreadable: lock_output_dir says so)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise _in_use(output_dir, path, _holder(fd)) from None
+    finally:
+        os.close(fd)  # drops the shared lock taken by the probe
+
+
 def lock_output_dir(output_dir: str) -> Optional[OutputDirLock]:
     """Make `output_dir` (as os.makedirs) and lock it for this run. Returns the lock, or None
     where the file system has no locks (a warning says so; the run goes on unguarded).
@@ -109,11 +136,7 @@ def lock_output_dir(output_dir: str) -> Optional[OutputDirLock]:
             return None
         holder = _holder(fd)
         os.close(fd)
-        raise OutputError(
-            f"--output_dir {output_dir} is in use by another run ({holder or 'its lock ' + path + ' is held'}): "
-            "wait until it ends (continue it then with --resume), or give another --output_dir",
-            output_dir,
-        ) from None
+        raise _in_use(output_dir, path, holder) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n".encode(), 0)

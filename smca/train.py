@@ -95,9 +95,12 @@ from .config import (
 )
 from .data import DatasetError, build_dataloader, build_dataset
 from .data.transforms import capped_sizes_note
-from .distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process, seed_everything
+from .distributed import (
+    all_gather_object, barrier, check_attention_backend, check_device, cleanup, init_distributed, is_main_process,
+    seed_everything,
+)
 from .engine import COCO_STAT_NAMES, NonFiniteLossError, check_results_path, evaluate, train_one_epoch
-from .run_files import OutputError, append_line, lock_output_dir, write_text
+from .run_files import OutputError, append_line, check_not_in_use, lock_output_dir, write_text
 
 __all__ = ["get_args_parser", "build_config", "chosen_fields", "load_finetune_weights", "FinetuneReport",
            "set_matmul_precision", "main"]
@@ -600,6 +603,20 @@ def _check_queries(cfg: Config, dataset_train) -> None:
         )
 
 
+def _check_output_dir_free(cfg: Config, main_process: bool) -> None:
+    """OutputError on every process when another run holds cfg.output_dir (rank 0 looks, as it
+    alone writes there, and tells the others), found before anything is written."""
+    busy = None
+    if main_process and cfg.output_dir:
+        try:
+            check_not_in_use(cfg.output_dir)
+        except OutputError as err:
+            busy = str(err)
+    busy = all_gather_object(busy)[0]
+    if busy is not None:
+        raise OutputError(busy, cfg.output_dir)
+
+
 def _lock_run(cfg: Config, main_process: bool):
     """Lock cfg.output_dir for this run (rank 0 only writes, so it alone locks) and check, under
     the lock, that no earlier run's checkpoint would be replaced. Every process gets rank 0's
@@ -695,6 +712,11 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
 
     # Check every input before anything is written.
     dataset_val, no_val = _validation_set(cfg)
+    if dataset_val is None and cfg.results_file is not None:
+        raise DatasetError(
+            f"--results_file {cfg.results_file}: no evaluation to take detections from ({no_val}); give a "
+            "validation set under --coco_path, or leave out --results_file"
+        )
     dataset_train = None if cfg.eval else build_dataset("train", cfg)
     if dataset_val is None and not cfg.no_eval and main_process:
         print(f"{PROG}: note: {no_val}: training without evaluation (--no_eval does so on purpose)", file=sys.stderr)
@@ -708,6 +730,7 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
             dataset.set_classes(classes, cfg.num_classes)
     if cfg.resume:
         check_compatible(state, cfg, cfg.resume)
+    _check_output_dir_free(cfg, main_process)  # a live run's checkpoint is not an earlier run's
     _check_no_work_is_overwritten(cfg)
     if cfg.results_file is not None:
         check_results_path(cfg.results_file)  # not at the first evaluation, an epoch later
@@ -936,13 +959,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        parser.error(f"--device {cfg.device}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {cfg.device}: CUDA is not available here (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        check_attention_backend(cfg.attention_backend, check_device(cfg.device))
+    except ValueError as err:
+        parser.error(str(err))
     try:
         run(cfg, chosen_fields(args))
     except (DatasetError, CheckpointError, OSError) as err:  # OSError: OutputError, a file that cannot be written

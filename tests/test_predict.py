@@ -14,7 +14,7 @@ from smca.checkpoint import save_weights
 from smca.config import Config
 from smca.models import build_model
 from smca.predict import (
-    ImageError, attention_maps, check_outputs, image_files, main, output_names, predict, predict_files,
+    ImageError, attention_maps, check_outputs, image_files, load_model, main, output_names, predict, predict_files,
 )
 
 TINY = dict(
@@ -60,38 +60,50 @@ def _refused(checkpoint, capsys, *argv) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["own_folder", "hardlink", "linked_folder", "attention_picture", "someone_elses"])
-def test_no_output_replaces_an_input_or_a_file_predict_did_not_write(checkpoint, tmp_path, capsys, monkeypatch, case):
-    """Each way an output name can land on an existing file: the run stops before writing
-    anything, naming the file; every file stays as it was."""
+@pytest.mark.parametrize("case", ["hardlink", "someone_elses"])
+def test_no_output_replaces_an_input_or_a_file_predict_did_not_write(checkpoint, tmp_path, capsys, case):
+    """An output name that lands on an existing file in another folder: the run stops before
+    writing anything, naming the file; every file stays as it was."""
     photos = tmp_path / "photos"
     photos.mkdir()
     photo = _picture(photos / "photo.png")
     argv = ["--images", photo, "--output_dir", str(tmp_path / "pred")]
-    if case == "own_folder":  # the issue's example: run where the photo is
-        monkeypatch.chdir(photos)
-        argv = ["--images", "photo.png", "--output_dir", "."]
-        message = "writing photo.png would replace the input image 'photo.png'"
-    elif case == "hardlink":
-        (tmp_path / "pred").mkdir()
+    (tmp_path / "pred").mkdir()
+    if case == "hardlink":
         os.link(photo, tmp_path / "pred" / "photo.png")
         message = f"writing photo.png would replace the input image '{photo}'"
-    elif case == "linked_folder":
-        os.symlink(photos, tmp_path / "pred")
-        message = f"writing photo.png would replace the input image '{photo}'"
-    elif case == "attention_picture":  # a's attention picture is the name of the other input
-        other = _picture(photos / "a_attention.png", seed=1)
-        a = _picture(photos / "a.jpg", seed=2)
-        argv = ["--images", a, other, "--output_dir", str(photos), "--attention_queries"]
-        message = f"writing a_attention.png would replace the input image '{other}'"
     else:  # a file of the same name that is not an input
-        (tmp_path / "pred").mkdir()
         _picture(tmp_path / "pred" / "photo.png", seed=3)
         message = "already holds photo.png, which smca.predict did not write"
     before = _snapshot(tmp_path)
     err = _refused(checkpoint, capsys, *argv)
     assert message in err and "give another --output_dir" in err, err
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["own_folder", "linked_folder", "attention_picture"])
+def test_outputs_beside_the_images_never_take_an_input_name(checkpoint, tmp_path, monkeypatch, case):
+    """The issue's example (run where photo.png is, --output_dir .), the folder through a link,
+    and an input named like another's attention picture: the pictures take free names, the
+    inputs stay as they were."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = _picture(photos / "photo.png")
+    argv, drawn = ["--images", photo, "--output_dir", str(tmp_path / "pred")], ["photo_1.png"]
+    if case == "own_folder":
+        monkeypatch.chdir(photos)
+        argv = ["--images", "photo.png", "--output_dir", "."]
+    elif case == "linked_folder":
+        os.symlink(photos, tmp_path / "pred")
+    else:  # a's attention picture would be the other input
+        other = _picture(photos / "a_attention.png", seed=1)
+        a = _picture(photos / "a.jpg", seed=2)
+        argv = ["--images", a, other, "--output_dir", str(photos), "--attention_queries"]
+        drawn = ["a_1.png", "a_1_attention.png", "a_attention_1.png", "a_attention_1_attention.png"]
+    inputs = {p: open(p, "rb").read() for p in map(str, photos.iterdir())}
+    _run(checkpoint, *argv)
+    assert {p: open(p, "rb").read() for p in inputs} == inputs
+    assert sorted(set(os.listdir(photos)) - {os.path.basename(p) for p in inputs}) == sorted(drawn + ["detections.json"])
 
 
 def test_output_dir_may_be_the_images_folder_and_a_rerun_replaces_only_its_own(checkpoint, tmp_path, capsys):
@@ -205,6 +217,8 @@ def test_the_cli_reads_folders_and_names_what_it_skips(checkpoint, tmp_path, cap
         (["x.png"], "x.png", [], "--output_dir 'x.png' is a file, not a folder"),
         (["x.png"], "pred", ["--max_detections", "0"], "--max_detections: expected 1 or more detections per image"),
         (["x.png"], "pred", ["--threshold", "nan"], "--threshold: expected a score, got nan"),
+        (["x.png"], "pred", ["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+        (["x.png"], "pred", ["--attention_backend", "cuda"], "--attention_backend cuda: not available for cpu tensors"),
     ],
 )
 def test_bad_paths_and_options_are_named_before_anything_is_written(
@@ -223,11 +237,14 @@ def test_bad_paths_and_options_are_named_before_anything_is_written(
 def test_predict_files_checks_its_outputs_as_the_command_line_does(tmp_path):
     """The Python path refuses before it touches the model or writes anything."""
     photo = _picture(tmp_path / "photo.png")
+    (tmp_path / "pred").mkdir()
+    os.link(photo, tmp_path / "pred" / "photo.png")
     before = _snapshot(tmp_path)
     with pytest.raises(ValueError, match="writing photo.png would replace the input image"):
-        predict_files(None, [photo], str(tmp_path), 0.5, {})
+        predict_files(None, [photo], str(tmp_path / "pred"), 0.5, {})
     assert _snapshot(tmp_path) == before
     assert check_outputs([photo], str(tmp_path / "new"), attention=True) == ["photo"]
+    assert check_outputs([photo], str(tmp_path), attention=True) == ["photo_1"]
     with pytest.raises(ImageError, match="does not exist"):
         image_files([str(tmp_path / "missing.png")])
 
@@ -279,3 +296,16 @@ def test_draw_detections_names_a_picture_that_is_not_uint8():
     empty = torch.zeros(0, 4)
     with pytest.raises(ValueError, match=r"image: expected a \(3, H, W\) uint8 picture, got \(3, 8, 8\) torch.float32"):
         draw_detections(torch.rand(3, 8, 8), empty, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+
+def test_a_checkpoint_trained_with_a_kernel_missing_here_loads_with_auto(tmp_path):
+    """A model trained on a GPU with the CUDA kernel predicts on a CPU: every backend computes the
+    same function, so the checkpoint's backend gives way to "auto" where it cannot run; one asked
+    for by name that cannot run is an error naming it."""
+    cfg = Config(**dict(TINY, attention_backend="cuda"))
+    path = str(tmp_path / "gpu.pth")
+    save_weights(path, build_model(Config(**TINY))[0], cfg, {})
+    model, loaded, _ = load_model(path, "cpu")
+    assert loaded.attention_backend == "auto"
+    with pytest.raises(ValueError, match="--attention_backend cuda: not available for cpu tensors here"):
+        load_model(path, "cpu", "cuda")

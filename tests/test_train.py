@@ -1165,12 +1165,22 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_killed_one_blocks_
         assert "wait until it ends (continue it then with --resume), or give another --output_dir" in err
         with open(config) as f:
             assert f.read() == first_config
+        # Once it has saved a checkpoint, the folder is still that live run's, not an earlier run's.
+        while not os.path.exists(os.path.join(out, "checkpoint.pth")) and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1].decode()
+        with pytest.raises(SystemExit):
+            train.main(argv[:-4] + ["--epochs", "3"])
+        err = capsys.readouterr().err
+        assert f"--output_dir {out} is in use by another run (process {first.pid} " in err and "earlier" not in err
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
-    # The killed run's lock went with it (its worker's copy too): a run into the folder goes ahead.
-    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--epochs", "1"])
-    assert [line["epoch"] for line in _log(out)] == [0]
+    # The killed run's lock went with it (its worker's copy too): its --resume goes ahead at once.
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    epoch = load_checkpoint(checkpoint)["epoch"]
+    train.main(TINY + ["--coco_path", data_root, "--output_dir", out, "--resume", checkpoint, "--epochs", str(epoch + 2)])
+    assert _log(out)[-1]["epoch"] == epoch + 1
 
 
 class _DiskFull:
@@ -1318,6 +1328,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_writing(data_roo
     (["--seed", "-1"], "seed: expected an integer in [0, 2**32), as numpy's, got -1"),
     (["--eval", "--no_eval"], "eval and no_eval: give one"),
     (["--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
+    (["--attention_backend", "cuda"], "--attention_backend cuda: not available for cpu tensors here; available: auto, "),
 ])
 def test_settings_torch_would_refuse_mid_run_are_refused_first(data_root, tmp_path, capsys, bad, message):
     out = tmp_path / "out"
@@ -1438,3 +1449,18 @@ def test_torchrun_into_a_busy_output_dir_stops_every_process(data_root, tmp_path
     assert result.stderr.count(f"smca-train: error: --output_dir {out} is in use by another run") == 2
     assert "Traceback" not in result.stderr.split("smca-train: error:")[0]
     assert os.listdir(out) == [".smca-train.lock"]
+
+
+@pytest.mark.parametrize("how", ["no_eval", "missing"])
+def test_a_results_file_without_an_evaluation_is_refused_first(data_root, tmp_path, capsys, how):
+    """--results_file asks for detections that only an evaluation makes: without one (--no_eval,
+    no val set) it is an error before anything is written, not a file silently never written."""
+    root = data_root if how == "no_eval" else _without_val(data_root, tmp_path, how)[0]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--coco_path", root, "--output_dir", str(out), "--results_file", str(tmp_path / "r.json")]
+                   + (["--no_eval"] if how == "no_eval" else []))
+    assert exit_info.value.code == 2
+    assert f"smca-train: error: --results_file {tmp_path / 'r.json'}: no evaluation to take detections from" \
+        in capsys.readouterr().err
+    assert not out.exists()
