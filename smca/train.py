@@ -59,7 +59,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from smca_kernels.ops import BACKENDS
@@ -638,11 +638,12 @@ def _lock_run(cfg: Config, main_process: bool):
     return lock
 
 
-def _kept(checkpoint_path: Optional[str], epoch: Optional[int], good: str = "") -> str:
-    """Which checkpoint a run that stops leaves, for its error message."""
+def _kept(checkpoint_path: Optional[str], epoch: Optional[int], good: str = "") -> Tuple[str, bool]:
+    """Which checkpoint a run that stops leaves, for its error message, and whether there is one
+    to --resume from."""
     if checkpoint_path and epoch is not None and os.path.isfile(checkpoint_path):
-        return f"The last {good}checkpoint, {checkpoint_path}, is left as it was (epoch {epoch})"
-    return "No checkpoint was written"
+        return f"The last {good}checkpoint, {checkpoint_path}, is left as it was (epoch {epoch})", True
+    return "No checkpoint was written", False
 
 
 def _write_remedy(err: OSError) -> str:
@@ -927,20 +928,20 @@ def run(cfg: Config, chosen: Optional[Set[str]] = None) -> None:
                 print(f"epoch {epoch}: " + ", ".join(p for p in parts if p) + f", {log['epoch_time']:.1f} s")
             barrier()
     except NonFiniteLossError as err:
-        kept = _kept(checkpoint_path, saved_epoch, "good ")
-        again = f"continue from it with --resume {checkpoint_path}" if kept.startswith("The last") else "start again"
+        kept, resumable = _kept(checkpoint_path, saved_epoch, "good ")
+        again = f"continue from it with --resume {checkpoint_path}" if resumable else "start again"
         raise NonFiniteLossError(
             f"{err}. {kept}: {again} with a lower --lr (or --amp off, if it was fp16)"
         ) from None
     except DatasetError as err:  # an image that only decoding shows damaged (smca.data.coco)
-        kept = _kept(checkpoint_path, saved_epoch)
-        if kept.startswith("The last"):
+        kept, resumable = _kept(checkpoint_path, saved_epoch)
+        if resumable:
             kept += f": fix the file (or take it out of the annotations), then continue with --resume {checkpoint_path}"
         raise DatasetError(f"{_error_text(err)}. {kept}") from None
     except OSError as err:  # a file that cannot be written (OutputError): a full disk, a quota, permissions
-        kept = _kept(checkpoint_path, saved_epoch)
+        kept, resumable = _kept(checkpoint_path, saved_epoch)
         remedy = _write_remedy(err)
-        then = f"continue with --resume {checkpoint_path}" if kept.startswith("The last") else "start the run again"
+        then = f"continue with --resume {checkpoint_path}" if resumable else "start the run again"
         raise OutputError(f"{err}. {kept}: {remedy}, then {then}", getattr(err, "path", None)) from None
     finally:
         if tensorboard is not None:
